@@ -1,0 +1,53 @@
+"""celery-idempotency: make Celery tasks safe to retry.
+
+``@app.task(base=IdempotentTask)`` claims an idempotency key atomically in Redis before the
+task runs and caches its outcome, so duplicate publishes and redeliveries replay the result
+instead of repeating the side effect.
+"""
+
+from .config import IdempotencyConfig
+from .exceptions import (
+    ArgumentsNotCanonical,
+    ConfigurationError,
+    CorruptRecord,
+    IdempotencyError,
+    IdempotencyKeyMismatch,
+    IdempotencyKeyRequired,
+    InvalidIdempotencyKey,
+    OwnershipLost,
+    ReplayedTaskError,
+    ResultNotStored,
+    StoreUnavailable,
+)
+from .keys import RecordRef
+from .records import KeyState, Record
+from .result import IdempotentResult, result_for_key
+from .store import KeyStore, MemoryKeyStore, RedisKeyStore, open_store
+from .task import IdempotentTask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArgumentsNotCanonical",
+    "ConfigurationError",
+    "CorruptRecord",
+    "IdempotencyConfig",
+    "IdempotencyError",
+    "IdempotencyKeyMismatch",
+    "IdempotencyKeyRequired",
+    "IdempotentResult",
+    "IdempotentTask",
+    "InvalidIdempotencyKey",
+    "KeyState",
+    "KeyStore",
+    "MemoryKeyStore",
+    "OwnershipLost",
+    "Record",
+    "RecordRef",
+    "RedisKeyStore",
+    "ReplayedTaskError",
+    "ResultNotStored",
+    "StoreUnavailable",
+    "open_store",
+    "result_for_key",
+]

@@ -1,0 +1,190 @@
+"""Settings: ``idempotency_*`` read from ``app.conf``, overridden per task and per message.
+
+Resolution order, most specific first: message header -> task option -> app setting -> default.
+Only a few settings make sense per message (``PER_MESSAGE``); the rest are per task or per app.
+Unknown ``idempotency_*`` names are an error wherever they appear, because a misspelt
+``idempotency_tll=60`` silently meaning "7 days" is exactly the bug this library exists to stop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from celery.utils.imports import symbol_by_name
+
+from .exceptions import ConfigurationError
+from .keys import KeyFunc
+
+PREFIX = "idempotency_"
+SEVEN_DAYS = 7 * 24 * 3600
+FAIL_CLOSED = "fail_closed"
+FAIL_OPEN = "fail_open"
+
+# Per-message options: accepted by apply_async(idempotency_...=) and read from message headers.
+PER_MESSAGE = ("scope", "ttl")
+# The key itself is not a setting, but shares the prefix and travels in a header.
+KEY_HEADER = "idempotency_key"
+FINGERPRINT_HEADER = "idempotency_fp"
+
+
+@dataclasses.dataclass(frozen=True)
+class IdempotencyConfig:
+    """Resolved settings for one task (and, with headers, one message)."""
+
+    store_url: str
+    ttl: float = SEVEN_DAYS
+    lease: float = 300.0
+    key_prefix: str = "idem:"
+    on_store_error: str = FAIL_CLOSED
+    enabled: bool = True
+    scope: str | None = None
+    key_fields: tuple[str, ...] | None = None
+    key_func: KeyFunc | None = None
+    require_key: bool = False
+    cache_errors: tuple[type[BaseException], ...] = ()
+    result_serializer: str = "json"
+    max_result_bytes: int = 512 * 1024
+    busy_retry_delay: float = 1.0
+    store_retry_max_delay: float = 60.0
+    store_timeout: float = 2.0
+
+    @property
+    def ttl_ms(self) -> int:
+        return int(self.ttl * 1000)
+
+    @property
+    def lease_ms(self) -> int:
+        return int(self.lease * 1000)
+
+    @property
+    def fail_open(self) -> bool:
+        return self.on_store_error == FAIL_OPEN
+
+    def with_message_options(self, options: Mapping[str, Any]) -> IdempotencyConfig:
+        """Apply per-message overrides (``scope``, ``ttl``) given as ``idempotency_*`` names."""
+        changes: dict[str, Any] = {}
+        for name, value in options.items():
+            short = name[len(PREFIX):] if name.startswith(PREFIX) else name
+            if short not in PER_MESSAGE:
+                raise ConfigurationError(
+                    f"{PREFIX}{short} cannot be set per message; per-message options are "
+                    f"{[PREFIX + n for n in PER_MESSAGE]}")
+            if value is not None:
+                changes[short] = _validate(short, value)
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+SETTING_NAMES = frozenset(field.name for field in dataclasses.fields(IdempotencyConfig))
+
+
+def _positive_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigurationError(f"{PREFIX}{name} must be a positive number of seconds, "
+                                 f"got {value!r}")
+    return float(value)
+
+
+def _exception_class(name: str, value: Any) -> type[BaseException]:
+    resolved = symbol_by_name(value) if isinstance(value, str) else value
+    if not (isinstance(resolved, type) and issubclass(resolved, BaseException)):
+        raise ConfigurationError(f"{PREFIX}{name} must list exception classes, got {value!r}")
+    return resolved
+
+
+def _validate(name: str, value: Any) -> Any:
+    if name == "store_url":
+        if not isinstance(value, str) or "://" not in value:
+            raise ConfigurationError(
+                f"{PREFIX}store_url must be a URL such as redis://127.0.0.1:6379/1 or "
+                f"memory://, got {value!r}")
+        return value
+    if name in ("ttl", "lease", "busy_retry_delay", "store_retry_max_delay", "store_timeout"):
+        return _positive_number(name, value)
+    if name in ("key_prefix", "scope", "result_serializer"):
+        if not isinstance(value, str) or not value or "{" in value or "}" in value:
+            raise ConfigurationError(
+                f"{PREFIX}{name} must be a non-empty string without braces, got {value!r}")
+        return value
+    if name == "on_store_error":
+        if value not in (FAIL_CLOSED, FAIL_OPEN):
+            raise ConfigurationError(
+                f"{PREFIX}on_store_error must be {FAIL_CLOSED!r} or {FAIL_OPEN!r}, got {value!r}")
+        return value
+    if name in ("enabled", "require_key"):
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{PREFIX}{name} must be True or False, got {value!r}")
+        return value
+    if name == "key_fields":
+        if isinstance(value, str) or not isinstance(value, Sequence) or not value or not all(
+                isinstance(item, str) and item for item in value):
+            raise ConfigurationError(
+                f"{PREFIX}key_fields must be a non-empty sequence of parameter names, "
+                f"got {value!r}")
+        return tuple(value)
+    if name == "key_func":
+        resolved = symbol_by_name(value) if isinstance(value, str) else value
+        if not callable(resolved):
+            raise ConfigurationError(f"{PREFIX}key_func must be callable, got {value!r}")
+        return resolved
+    if name == "cache_errors":
+        items = (value,) if isinstance(value, (str, type)) else tuple(value)
+        return tuple(_exception_class(name, item) for item in items)
+    if name == "max_result_bytes":
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigurationError(
+                f"{PREFIX}max_result_bytes must be a positive integer, got {value!r}")
+        return value
+    raise ConfigurationError(  # pragma: no cover - guarded by check_names
+        f"unknown setting {PREFIX}{name}")
+
+
+def check_names(names: Sequence[str], where: str) -> None:
+    """Raise `ConfigurationError` for any ``idempotency_*`` name that is not a setting."""
+    unknown = sorted(n for n in names if n.startswith(PREFIX)
+                     and n[len(PREFIX):] not in SETTING_NAMES)
+    if unknown:
+        raise ConfigurationError(
+            f"unknown {where} {unknown!r}; known settings are "
+            f"{sorted(PREFIX + n for n in SETTING_NAMES)}")
+
+
+def resolve(app_conf: Mapping[str, Any], task_options: Mapping[str, Any],
+            *, task_name: str = "?") -> IdempotencyConfig:
+    """Build the config for one task: task option -> app setting -> default, validated."""
+    app_names = [name for name in app_conf if isinstance(name, str) and name.startswith(PREFIX)]
+    check_names(app_names, "app setting(s)")
+    check_names(list(task_options), f"option(s) of task {task_name!r}")
+    values: dict[str, Any] = {}
+    for short in SETTING_NAMES:
+        name = PREFIX + short
+        if name in task_options:
+            value = task_options[name]
+        elif name in app_conf:
+            value = app_conf[name]
+        else:
+            continue
+        if value is None and short != "store_url":
+            continue
+        values[short] = _validate(short, value)
+    if values.get("store_url") is None:
+        raise ConfigurationError(
+            f"task {task_name!r} needs {PREFIX}store_url (e.g. app.conf.idempotency_store_url = "
+            "'redis://127.0.0.1:6379/1', or 'memory://' for tests); there is no fallback to "
+            "the broker, so that keys never land somewhere nobody meant")
+    return IdempotencyConfig(**values)
+
+
+def task_options_of(cls: type) -> dict[str, Any]:
+    """The ``idempotency_*`` attributes set on a task class or its user-defined bases.
+
+    Read from the class dicts, not with getattr: a function given as ``idempotency_key_func``
+    would otherwise come back as a bound method of the task.
+    """
+    options: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        for name, value in vars(klass).items():
+            if name.startswith(PREFIX):
+                options[name] = value.__func__ if isinstance(value, staticmethod) else value
+    return options

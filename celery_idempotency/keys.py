@@ -1,0 +1,150 @@
+"""Idempotency keys: validation, derivation from a task's bound arguments, and fingerprints.
+
+A fingerprint is computed once at publish and again (for messages that did not come through
+``apply_async``) at execution, after the arguments went through the task serializer. The
+canonical form therefore only admits values that survive a JSON round trip unchanged in meaning:
+tuples become lists, datetimes and UUIDs become tagged strings, and anything else is refused
+with an error that names the argument, instead of producing a key that silently differs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import hashlib
+import inspect
+import json
+import math
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .exceptions import ArgumentsNotCanonical, ConfigurationError, InvalidIdempotencyKey
+
+MAX_KEY_LENGTH = 255
+_DIGEST_CHARS = 32  # 128 bits of SHA-256: collision-free for any realistic key count
+
+KeyFunc = Callable[[Sequence[Any], Mapping[str, Any]], str]
+
+
+@dataclass(frozen=True)
+class RecordRef:
+    """Identifies one record: the key as given, under its scope."""
+
+    scope: str
+    key: str
+
+    def store_name(self, prefix: str) -> str:
+        """Bounded, Cluster-safe name: the whole digest is the hash tag, so one slot per record.
+
+        The user's key never appears in the name, so it can be neither a glob pattern nor an
+        unbounded key name; the record keeps the original key in a field instead.
+        """
+        digest = hashlib.sha256(f"{self.scope}\x00{self.key}".encode()).hexdigest()
+        return f"{prefix}{{{digest[:_DIGEST_CHARS]}}}"
+
+
+def validate_key(key: object, *, what: str = "idempotency key") -> str:
+    """Return ``key`` if it is acceptable, else raise `InvalidIdempotencyKey` saying why."""
+    if not isinstance(key, str):
+        raise InvalidIdempotencyKey(
+            f"{what} must be a string, not {type(key).__name__}", key=repr(key)[:80])
+    if not key:
+        raise InvalidIdempotencyKey(f"{what} must not be empty", key=key)
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidIdempotencyKey(
+            f"{what} is {len(key)} characters long; the limit is {MAX_KEY_LENGTH}",
+            key=key[:40] + "...")
+    for char in key:
+        code = ord(char)
+        if code < 0x20 or 0x7F <= code <= 0x9F:
+            raise InvalidIdempotencyKey(
+                f"{what} contains the control character U+{code:04X}", key=repr(key)[:80])
+    return key
+
+
+def _canonical(value: Any, path: str) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ArgumentsNotCanonical(
+                f"argument {path} is {value!r}, which has no canonical JSON form")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_canonical(item, f"{path}[{index}]") for index, item in enumerate(value)]
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for name, item in value.items():
+            if not isinstance(name, str):
+                raise ArgumentsNotCanonical(
+                    f"argument {path} has a non-string key {name!r}; JSON would change it")
+            out[name] = _canonical(item, f"{path}[{name!r}]")
+        return out
+    # Tagged so that e.g. the string "2024-01-01" and a date of that day differ.
+    if isinstance(value, datetime.datetime):
+        return {"$datetime": value.isoformat()}
+    if isinstance(value, datetime.date):
+        return {"$date": value.isoformat()}
+    if isinstance(value, datetime.time):
+        return {"$time": value.isoformat()}
+    if isinstance(value, uuid.UUID):
+        return {"$uuid": str(value)}
+    if isinstance(value, decimal.Decimal):
+        return {"$decimal": str(value)}
+    raise ArgumentsNotCanonical(
+        f"argument {path} of type {type(value).__qualname__} cannot be canonicalised for an "
+        "idempotency key; pass idempotency_key=..., or set idempotency_key_fields or "
+        "idempotency_key_func on the task")
+
+
+def canonical_json(value: Any, path: str = "arguments") -> str:
+    return json.dumps(_canonical(value, path), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False, allow_nan=False)
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:_DIGEST_CHARS]
+
+
+def bind_arguments(func: Callable[..., Any], args: Sequence[Any],
+                   kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Bind a call to ``func``'s parameters, defaults applied: f(1), f(x=1) bind the same."""
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # builtins without a signature: use the call as given
+        return {"args": list(args), "kwargs": dict(kwargs)}
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise ArgumentsNotCanonical(f"arguments do not fit the task's signature: {exc}") from exc
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            arguments[name] = list(arguments.get(name, ()))
+    return arguments
+
+
+def fingerprint(arguments: Mapping[str, Any]) -> str:
+    """Digest of the canonical bound arguments: the same key must come with the same payload."""
+    return digest(canonical_json(dict(arguments)))
+
+
+def derive_key(arguments: Mapping[str, Any], *, fields: Sequence[str] | None,
+               func: KeyFunc | None, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+    """Derive a key when the caller gave none: from a callable, a field subset, or everything."""
+    if func is not None:
+        return validate_key(func(args, kwargs), what="key returned by idempotency_key_func")
+    if fields:
+        missing = [name for name in fields if name not in arguments]
+        if missing:
+            raise ConfigurationError(
+                f"idempotency_key_fields names {missing!r}, which the task does not take "
+                f"(its parameters: {sorted(arguments)!r})")
+        selected = {name: arguments[name] for name in fields}
+        return "fields:" + digest(canonical_json(selected))
+    return "args:" + digest(canonical_json(dict(arguments)))

@@ -1,0 +1,167 @@
+"""The record kept for each idempotency key, and the one place that decodes store replies.
+
+Both stores keep a record as a flat mapping of short field names to bytes (a Redis hash; a dict
+in the memory store). Short names matter: there is one record per key, for days, so every byte
+of a field name is paid millions of times.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .exceptions import CorruptRecord
+
+# Field names of a record (Redis hash fields). Keep in sync with store/lua/*.lua.
+F_KEY = "k"  # the key as the client gave it (or as derived)
+F_SCOPE = "s"
+F_TASK_NAME = "n"
+F_STATE = "st"
+F_TASK_ID = "t"
+F_FINGERPRINT = "fp"
+F_OWNER = "o"  # owner token of the current (or last) claim
+F_LEASE = "l"  # lease expiry, ms since the epoch by the store's clock
+F_FENCE = "f"  # fencing counter, bumped by every claim
+F_RESULT = "r"
+F_CONTENT_TYPE = "ct"  # absent: application/json
+F_CONTENT_ENCODING = "ce"  # absent: utf-8
+F_RESULT_STATUS = "rs"  # absent: stored
+F_ERROR = "e"  # JSON: {"type", "message", "args"}
+F_RETRYABLE = "ry"  # "1": a failed key runs again on the next publish
+F_CREATED = "c"
+F_UPDATED = "u"
+
+JSON_CONTENT_TYPE = "application/json"
+JSON_ENCODING = "utf-8"
+
+
+class KeyState(str, enum.Enum):
+    """Where a key is in its life: reserved, running, or finished with a cached outcome."""
+
+    PENDING = "pending"
+    STARTED = "started"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class ResultStatus(str, enum.Enum):
+    """Whether a succeeded key also holds its result."""
+
+    STORED = "stored"
+    UNSERIALIZABLE = "unserializable"
+    TOO_LARGE = "too_large"
+
+
+@dataclass(frozen=True)
+class Record:
+    """A decoded record. ``store_key`` is the store's name for it (for errors and the CLI)."""
+
+    store_key: str
+    key: str
+    scope: str
+    task_name: str
+    state: KeyState
+    task_id: str
+    fingerprint: str
+    owner: str | None
+    lease_expires_ms: int | None
+    fence: int
+    result: bytes | None
+    content_type: str
+    content_encoding: str
+    result_status: ResultStatus
+    error: Mapping[str, Any] | None
+    retryable: bool
+    created_ms: int
+    updated_ms: int
+
+    def lease_expired(self, now_ms: int) -> bool:
+        return self.state is KeyState.STARTED and (self.lease_expires_ms or 0) <= now_ms
+
+
+def _text(fields: Mapping[str, bytes], name: str, store_key: str,
+          default: str | None = None) -> str:
+    raw = fields.get(name)
+    if raw is None:
+        if default is not None:
+            return default
+        raise CorruptRecord(f"record {store_key!r} has no field {name!r}", key=store_key)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptRecord(f"record {store_key!r} field {name!r} is not UTF-8",
+                            key=store_key) from exc
+
+
+def _int(fields: Mapping[str, bytes], name: str, store_key: str, default: int | None = None) -> int:
+    raw = fields.get(name)
+    if raw is None and default is not None:
+        return default
+    text = _text(fields, name, store_key)
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise CorruptRecord(f"record {store_key!r} field {name!r} is not an integer: {text!r}",
+                            key=store_key) from exc
+
+
+def decode_record(store_key: str, fields: Mapping[str, bytes]) -> Record | None:
+    """Decode a record; ``None`` when there is none. Raises `CorruptRecord` naming the key."""
+    if not fields:
+        return None
+    state_text = _text(fields, F_STATE, store_key)
+    try:
+        state = KeyState(state_text)
+    except ValueError as exc:
+        raise CorruptRecord(f"record {store_key!r} has an unknown state {state_text!r}",
+                            key=store_key) from exc
+    status_text = _text(fields, F_RESULT_STATUS, store_key, ResultStatus.STORED.value)
+    try:
+        result_status = ResultStatus(status_text)
+    except ValueError as exc:
+        raise CorruptRecord(f"record {store_key!r} has an unknown result status {status_text!r}",
+                            key=store_key) from exc
+    error: Mapping[str, Any] | None = None
+    if F_ERROR in fields:
+        try:
+            error = json.loads(fields[F_ERROR])
+        except ValueError as exc:
+            raise CorruptRecord(f"record {store_key!r} has an undecodable error",
+                                key=store_key) from exc
+        if not isinstance(error, dict):
+            raise CorruptRecord(f"record {store_key!r} has an undecodable error", key=store_key)
+    owner = fields.get(F_OWNER)
+    lease = fields.get(F_LEASE)
+    return Record(
+        store_key=store_key,
+        key=_text(fields, F_KEY, store_key),
+        scope=_text(fields, F_SCOPE, store_key),
+        task_name=_text(fields, F_TASK_NAME, store_key, ""),
+        state=state,
+        task_id=_text(fields, F_TASK_ID, store_key),
+        fingerprint=_text(fields, F_FINGERPRINT, store_key),
+        owner=owner.decode("utf-8", "replace") if owner is not None else None,
+        lease_expires_ms=_int(fields, F_LEASE, store_key) if lease is not None else None,
+        fence=_int(fields, F_FENCE, store_key, 0),
+        result=fields.get(F_RESULT),
+        content_type=_text(fields, F_CONTENT_TYPE, store_key, JSON_CONTENT_TYPE),
+        content_encoding=_text(fields, F_CONTENT_ENCODING, store_key, JSON_ENCODING),
+        result_status=result_status,
+        error=error,
+        retryable=fields.get(F_RETRYABLE) == b"1",
+        created_ms=_int(fields, F_CREATED, store_key, 0),
+        updated_ms=_int(fields, F_UPDATED, store_key, 0),
+    )
+
+
+def fields_from_flat(flat: Sequence[Any]) -> dict[str, bytes]:
+    """Turn an HGETALL-style flat reply ``[name, value, ...]`` into a mapping."""
+    fields: dict[str, bytes] = {}
+    for index in range(0, len(flat) - 1, 2):
+        name, value = flat[index], flat[index + 1]
+        name_text = name.decode("utf-8") if isinstance(name, bytes) else str(name)
+        fields[name_text] = value if isinstance(value, bytes) else str(value).encode("utf-8")
+    return fields

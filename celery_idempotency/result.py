@@ -1,0 +1,128 @@
+"""`IdempotentResult`: a result handle that reads the outcome from the key store.
+
+It works with or without a Celery result backend: an API endpoint can rebuild it later from
+the idempotency key alone (`result_for_key`), and a duplicate publish returns one for the
+original task id without anything having been published.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import states
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
+from kombu.serialization import prepare_accept_content
+
+from .config import resolve
+from .keys import RecordRef
+from .outcomes import decode_result, rebuild_error
+from .records import KeyState, Record
+from .store import KeyStore, store_for_app
+
+_CELERY_STATES = {
+    KeyState.PENDING: states.PENDING,
+    KeyState.STARTED: states.STARTED,
+    KeyState.SUCCEEDED: states.SUCCESS,
+    KeyState.FAILED: states.FAILURE,
+}
+
+
+def accept_for(serializer: str) -> list[str]:
+    """Content types a result may be read back in: the configured serializer, and JSON (so that
+    records written before a switch of serializer stay readable)."""
+    return sorted(prepare_accept_content({"json", serializer}))  # type: ignore[no-untyped-call]
+
+
+class IdempotentResult(AsyncResult):  # type: ignore[misc]
+    """Handle for the task that owns an idempotency key.
+
+    ``duplicate`` tells whether this publish was deduplicated (nothing was sent). ``get()``
+    polls the key store; the outcome is the key's, whichever message ran it.
+    """
+
+    def __init__(self, id: str, *, store: KeyStore, ref: RecordRef, accept: list[str],
+                 duplicate: bool, app: Any = None, task_name: str | None = None,
+                 eager: AsyncResult | None = None) -> None:
+        super().__init__(id, app=app, task_name=task_name)
+        self.store = store
+        self.ref = ref
+        self.accept = accept
+        self.duplicate = duplicate
+        self._eager = eager
+
+    @property
+    def idempotency_key(self) -> str:
+        return self.ref.key
+
+    @property
+    def scope(self) -> str:
+        return self.ref.scope
+
+    def record(self) -> Record | None:
+        return self.store.get(self.ref)
+
+    def _meta(self, record: Record | None, *, decode: bool) -> dict[str, Any]:
+        status = _CELERY_STATES[record.state] if record else states.PENDING
+        result: Any = None
+        if record is not None and decode:
+            if record.state is KeyState.SUCCEEDED:
+                result = decode_result(record, accept=self.accept)
+            elif record.state is KeyState.FAILED:
+                result = rebuild_error(record)
+        return {"task_id": self.id, "status": status, "result": result, "traceback": None,
+                "children": [], "date_done": None}
+
+    def _get_task_meta(self) -> dict[str, Any]:
+        if self._eager is not None:
+            return dict(self._eager._get_task_meta())
+        return self._meta(self.record(), decode=True)
+
+    def get(self, timeout: float | None = None, propagate: bool = True,
+            interval: float = 0.5, **_ignored: Any) -> Any:
+        """Wait for the key's outcome: the cached result, or its error raised."""
+        if self._eager is not None:
+            return self._eager.get(timeout=timeout, propagate=propagate)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.01  # start fast: most duplicates ask for a result that is already there
+        while True:
+            record = self.record()
+            if record is not None and record.state is KeyState.SUCCEEDED:
+                return decode_result(record, accept=self.accept)
+            if record is not None and record.state is KeyState.FAILED:
+                error = rebuild_error(record)
+                if propagate:
+                    raise error
+                return error
+            if deadline is not None and time.monotonic() >= deadline:
+                raise CeleryTimeoutError(
+                    f"idempotency key {self.ref.key!r} has no outcome after {timeout} s")
+            sleep = pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic()))
+            time.sleep(sleep)
+            pause = min(pause * 2, interval)
+
+    wait = get
+
+    def forget(self) -> None:
+        raise NotImplementedError(
+            "an idempotent result lives as long as its key; release the key with the CLI")
+
+    def __repr__(self) -> str:
+        flag = " duplicate" if self.duplicate else ""
+        return f"<IdempotentResult: {self.id} key={self.ref.key!r}{flag}>"
+
+
+def result_for_key(app: Any, key: str, *, scope: str) -> IdempotentResult | None:
+    """Rebuild the handle for ``key`` under ``scope`` (a task name by default), from the store
+    named by ``app.conf.idempotency_store_url``. ``None`` when the key is unknown or expired."""
+    config = resolve(app.conf, {}, task_name=scope)
+    store = store_for_app(app, config.store_url, prefix=config.key_prefix,
+                          timeout=config.store_timeout)
+    ref = RecordRef(scope, key)
+    record = store.get(ref)
+    if record is None:
+        return None
+    return IdempotentResult(record.task_id, store=store, ref=ref,
+                            accept=accept_for(config.result_serializer), duplicate=True,
+                            app=app, task_name=record.task_name or None)

@@ -1,0 +1,60 @@
+"""Key stores, and the one place that turns a store URL into a store."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+from ..exceptions import ConfigurationError
+from .base import Claim, ClaimStatus, KeyStore, Reservation, ReserveStatus, ResultPayload
+from .memory import MemoryKeyStore
+from .redis import RedisKeyStore
+
+__all__ = [
+    "Claim",
+    "ClaimStatus",
+    "KeyStore",
+    "MemoryKeyStore",
+    "RedisKeyStore",
+    "Reservation",
+    "ReserveStatus",
+    "ResultPayload",
+    "open_store",
+    "store_for_app",
+]
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def open_store(url: str, *, prefix: str = "idem:", timeout: float = 2.0) -> KeyStore:
+    """A new store for ``url``: ``redis://``, ``rediss://``, ``unix://`` or ``memory://``."""
+    scheme = url.split("://", 1)[0].lower()
+    if scheme == "memory":
+        return MemoryKeyStore(prefix=prefix)
+    if scheme in REDIS_SCHEMES:
+        try:
+            return RedisKeyStore.from_url(url, prefix=prefix, timeout=timeout)
+        except ValueError as exc:
+            raise ConfigurationError(f"bad idempotency store URL {url!r}: {exc}") from exc
+    raise ConfigurationError(
+        f"unsupported idempotency store URL scheme {scheme!r} in {url!r}; use redis://, "
+        "rediss://, unix:// or memory://")
+
+
+# One set of stores per Celery app (never one global client shared by every app). Weak keys:
+# an app that is garbage collected takes its connections with it.
+_stores: weakref.WeakKeyDictionary[Any, dict[tuple[str, str, float], KeyStore]] = (
+    weakref.WeakKeyDictionary())
+_stores_lock = threading.Lock()
+
+
+def store_for_app(app: Any, url: str, *, prefix: str, timeout: float) -> KeyStore:
+    """The app's store for these settings, opened on first use and then shared by its tasks."""
+    cache_key = (url, prefix, timeout)
+    with _stores_lock:
+        per_app = _stores.setdefault(app, {})
+        store = per_app.get(cache_key)
+        if store is None:
+            store = per_app[cache_key] = open_store(url, prefix=prefix, timeout=timeout)
+        return store

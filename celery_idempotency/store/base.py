@@ -1,0 +1,136 @@
+"""The key store interface: one method per state transition, each atomic and owner-checked.
+
+Implementations: `RedisKeyStore` (one Lua script per transition) and `MemoryKeyStore` (one lock).
+Both pass the same contract suite (``tests/store``). Times are the store's own clock (Redis
+``TIME``), never the caller's, so that workers with skewed clocks agree on lease expiry.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..exceptions import IdempotencyKeyMismatch, OwnershipLost
+from ..keys import RecordRef
+from ..records import Record
+
+
+class ReserveStatus(str, enum.Enum):
+    RESERVED = "reserved"  # new pending record: publish the message
+    DUPLICATE = "duplicate"  # do not publish; hand out the original task id
+    STALE = "stale"  # started, lease expired: publish; the new message takes over at execution
+
+
+class ClaimStatus(str, enum.Enum):
+    CLAIMED = "claimed"  # run the task
+    TAKEN_OVER = "taken_over"  # run the task: the previous owner's lease had expired
+    BUSY = "busy"  # a live owner runs it: wait and look again
+    SUCCEEDED = "succeeded"  # replay the cached result
+    FAILED = "failed"  # re-raise the cached error
+
+
+@dataclass(frozen=True)
+class Reservation:
+    status: ReserveStatus
+    record: Record | None = None  # the existing record, for DUPLICATE and STALE
+
+
+@dataclass(frozen=True)
+class Claim:
+    status: ClaimStatus
+    fence: int = 0  # fencing counter of this claim, for CLAIMED and TAKEN_OVER
+    record: Record | None = None  # the record as found, for BUSY, SUCCEEDED and FAILED
+    previous_task_id: str | None = None  # for TAKEN_OVER
+
+
+@dataclass(frozen=True)
+class ResultPayload:
+    """A serialized result as stored. ``status`` says whether ``data`` holds the result."""
+
+    data: bytes
+    content_type: str
+    content_encoding: str
+    status: str
+
+
+class KeyStore(abc.ABC):
+    """Where idempotency records live. Every write is compare-and-set inside the store."""
+
+    @abc.abstractmethod
+    def reserve(self, ref: RecordRef, *, task_id: str, fingerprint: str, task_name: str,
+                ttl_ms: int) -> Reservation:
+        """Publish time: create a ``pending`` record, or report the existing one.
+
+        Raises `IdempotencyKeyMismatch` when the key exists with another fingerprint.
+        """
+
+    @abc.abstractmethod
+    def unreserve(self, ref: RecordRef, *, task_id: str) -> bool:
+        """Undo `reserve` after a failed publish: delete only our own ``pending`` record."""
+
+    @abc.abstractmethod
+    def claim(self, ref: RecordRef, *, task_id: str, owner: str, fingerprint: str,
+              task_name: str, lease_ms: int, ttl_ms: int) -> Claim:
+        """Execution time: take the key (``started``, owner token, lease) or report why not."""
+
+    @abc.abstractmethod
+    def complete(self, ref: RecordRef, *, owner: str, result: ResultPayload,
+                 ttl_ms: int) -> None:
+        """``started`` -> ``succeeded`` with the result. Raises `OwnershipLost`."""
+
+    @abc.abstractmethod
+    def fail(self, ref: RecordRef, *, owner: str, error: str, retryable: bool,
+             ttl_ms: int) -> None:
+        """``started`` -> ``failed`` with the error (JSON). Raises `OwnershipLost`."""
+
+    @abc.abstractmethod
+    def release(self, ref: RecordRef, *, owner: str, ttl_ms: int | None = None) -> bool:
+        """``started`` -> ``pending``, same task id (a retry, or a claim given up).
+
+        ``ttl_ms`` resets the record's TTL (a retry's countdown must fit in it).
+        """
+
+    @abc.abstractmethod
+    def renew(self, ref: RecordRef, *, owner: str, lease_ms: int) -> bool:
+        """Extend the lease of a claim we still own."""
+
+    @abc.abstractmethod
+    def discard(self, ref: RecordRef, *, owner: str) -> bool:
+        """Delete the record if ``owner`` still holds it (the task ended without an outcome)."""
+
+    @abc.abstractmethod
+    def get(self, ref: RecordRef) -> Record | None:
+        """Read a record (no write). Raises `CorruptRecord` for an undecodable one."""
+
+    @abc.abstractmethod
+    def now_ms(self) -> int:
+        """The store's clock, in ms since the epoch."""
+
+    @abc.abstractmethod
+    def scan(self) -> Iterator[Record]:
+        """Every record, streamed (SCAN, never KEYS)."""
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Raise `StoreUnavailable` if the store cannot be reached."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+def mismatch_error(ref: RecordRef, record: Record | None) -> IdempotencyKeyMismatch:
+    return IdempotencyKeyMismatch(
+        "idempotency key reused with different task arguments; use a new key for a new request",
+        key=ref.key, task_id=record.task_id if record else None)
+
+
+def ownership_lost_error(ref: RecordRef, owner: str, record: Record | None,
+                         action: str) -> OwnershipLost:
+    if record is None:
+        now = "the record is gone (expired or released)"
+    else:
+        now = f"it is {record.state.value}, owned by task {record.task_id}"
+    return OwnershipLost(f"cannot {action}: this worker (owner {owner}) lost the claim; {now}",
+                         key=ref.key, task_id=record.task_id if record else None)

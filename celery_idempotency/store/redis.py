@@ -1,0 +1,170 @@
+"""`RedisKeyStore`: every transition is one Lua script, run with EVALSHA (redis-py's
+``register_script``, which reloads the script after a NOSCRIPT, e.g. after a Redis restart).
+
+Each script touches exactly one key, whose whole name is a hash tag, so it works unchanged on
+Redis Cluster. Replies carry the status and the record in one round trip.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.commands.core import Script
+from redis.retry import Retry
+
+from ..exceptions import StoreUnavailable
+from ..keys import RecordRef
+from ..records import Record, decode_record, fields_from_flat
+from .base import (
+    Claim,
+    ClaimStatus,
+    KeyStore,
+    Reservation,
+    ReserveStatus,
+    ResultPayload,
+    mismatch_error,
+    ownership_lost_error,
+)
+
+_SCRIPTS = ("reserve", "discard", "claim", "complete", "fail", "release", "renew")
+_CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+
+T = TypeVar("T")
+
+
+def _load_script(name: str) -> str:
+    lua = importlib.resources.files(__package__).joinpath("lua")
+    return lua.joinpath("_common.lua").read_text() + "\n" + lua.joinpath(f"{name}.lua").read_text()
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _fields(reply: Any) -> dict[str, bytes]:
+    return {_text(k): v if isinstance(v, bytes) else _text(v).encode() for k, v in reply.items()}
+
+
+class RedisKeyStore(KeyStore):
+    """Records as Redis hashes; TTLs and lease clocks kept by Redis itself."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "idem:") -> None:
+        self.client = client
+        self.prefix = prefix
+        self._scripts: dict[str, Script] = {
+            name: client.register_script(_load_script(name)) for name in _SCRIPTS}
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = "idem:", timeout: float = 2.0) -> RedisKeyStore:
+        # Few, fast retries: a store that is down must surface as StoreUnavailable quickly so
+        # that publishing fails closed and workers back off, instead of blocking for seconds.
+        # Every script is safe to repeat (a repeated call by the same caller is recognised).
+        client = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+            health_check_interval=30)
+        return cls(client, prefix=prefix)
+
+    def name_of(self, ref: RecordRef) -> str:
+        return ref.store_name(self.prefix)
+
+    def _call(self, ref: RecordRef | None, action: Callable[..., T], *args: Any) -> T:
+        try:
+            return action(*args)
+        except _CONNECTION_ERRORS as exc:
+            raise StoreUnavailable(f"idempotency store unreachable: {exc}",
+                                   key=ref.key if ref else None) from exc
+
+    def _run(self, name: str, ref: RecordRef, args: Sequence[Any]) -> Any:
+        script = self._scripts[name]
+        return self._call(ref, lambda: script(keys=[self.name_of(ref)], args=list(args)))
+
+    def _record(self, ref: RecordRef, flat: Sequence[Any]) -> Record | None:
+        return decode_record(self.name_of(ref), fields_from_flat(flat))
+
+    def reserve(self, ref: RecordRef, *, task_id: str, fingerprint: str, task_name: str,
+                ttl_ms: int) -> Reservation:
+        reply = self._run("reserve", ref, [task_id, fingerprint, ref.key, ref.scope, task_name,
+                                           ttl_ms])
+        status = _text(reply[0])
+        record = self._record(ref, reply[1:])
+        if status == "mismatch":
+            raise mismatch_error(ref, record)
+        return Reservation(ReserveStatus(status), record)
+
+    def unreserve(self, ref: RecordRef, *, task_id: str) -> bool:
+        return bool(self._run("discard", ref, ["t", task_id, "pending"]))
+
+    def claim(self, ref: RecordRef, *, task_id: str, owner: str, fingerprint: str,
+              task_name: str, lease_ms: int, ttl_ms: int) -> Claim:
+        reply = self._run("claim", ref, [task_id, owner, fingerprint, ref.key, ref.scope,
+                                         task_name, lease_ms, ttl_ms])
+        status = _text(reply[0])
+        if status in ("claimed", "taken_over"):
+            previous = _text(reply[2]) if len(reply) > 2 else None
+            return Claim(ClaimStatus(status), fence=int(reply[1]),
+                         previous_task_id=previous or None)
+        record = self._record(ref, reply[1:])
+        if status == "mismatch":
+            raise mismatch_error(ref, record)
+        return Claim(ClaimStatus(status), record=record)
+
+    def complete(self, ref: RecordRef, *, owner: str, result: ResultPayload, ttl_ms: int) -> None:
+        json_default = result.content_type == "application/json"
+        reply = self._run("complete", ref, [
+            owner, result.data, "" if json_default else result.content_type,
+            "" if result.content_encoding == "utf-8" else result.content_encoding,
+            "" if result.status == "stored" else result.status, ttl_ms])
+        self._check_owner(ref, owner, reply, "complete")
+
+    def fail(self, ref: RecordRef, *, owner: str, error: str, retryable: bool,
+             ttl_ms: int) -> None:
+        reply = self._run("fail", ref, [owner, error, "1" if retryable else "0", ttl_ms])
+        self._check_owner(ref, owner, reply, "fail")
+
+    def _check_owner(self, ref: RecordRef, owner: str, reply: Sequence[Any], action: str) -> None:
+        if _text(reply[0]) != "ok":
+            raise ownership_lost_error(ref, owner, self._record(ref, reply[1:]), action)
+
+    def release(self, ref: RecordRef, *, owner: str, ttl_ms: int | None = None) -> bool:
+        return bool(self._run("release", ref, [owner, "" if ttl_ms is None else ttl_ms]))
+
+    def renew(self, ref: RecordRef, *, owner: str, lease_ms: int) -> bool:
+        return bool(self._run("renew", ref, [owner, lease_ms]))
+
+    def discard(self, ref: RecordRef, *, owner: str) -> bool:
+        return bool(self._run("discard", ref, ["o", owner, "started"]))
+
+    def get(self, ref: RecordRef) -> Record | None:
+        name = self.name_of(ref)
+        fields = self._call(ref, self.client.hgetall, name)
+        return decode_record(name, _fields(fields))
+
+    def now_ms(self) -> int:
+        seconds, micros = self._call(None, self.client.time)
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def scan(self) -> Iterator[Record]:
+        # The prefix is ours (validated: no braces), but escape glob characters all the same.
+        escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix)
+        names = self.client.scan_iter(match=escaped + "{*}", count=1000)
+        while True:
+            try:
+                name = self._call(None, next, names)
+            except StopIteration:
+                return
+            fields = self._call(None, self.client.hgetall, name)
+            record = decode_record(_text(name), _fields(fields))
+            if record is not None:  # expired between SCAN and HGETALL
+                yield record
+
+    def ping(self) -> None:
+        self._call(None, self.client.ping)
+
+    def close(self) -> None:
+        self.client.close()
+

@@ -1,0 +1,354 @@
+"""`IdempotentTask`: reserve at publish, claim at execution, cache the outcome.
+
+Two places do the work, because Celery's signals cannot cancel anything (``Signal.send``
+swallows receiver exceptions): ``apply_async`` deduplicates at publish, ``__call__`` (which the
+tracer calls instead of ``run`` when it is overridden; its return value becomes the SUCCESS
+result and is passed to callbacks) deduplicates at execution.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from celery import Task
+from celery._state import get_current_worker_task
+from celery.exceptions import Ignore, Reject, Retry
+from celery.utils import uuid
+
+from .config import (
+    FINGERPRINT_HEADER,
+    KEY_HEADER,
+    PER_MESSAGE,
+    PREFIX,
+    IdempotencyConfig,
+    check_names,
+    resolve,
+    task_options_of,
+)
+from .exceptions import (
+    IdempotencyKeyRequired,
+    OwnershipLost,
+    ResultNotStored,
+    StoreUnavailable,
+)
+from .keys import RecordRef, bind_arguments, derive_key, fingerprint, validate_key
+from .outcomes import decode_result, encode_error, encode_result, rebuild_error
+from .result import IdempotentResult, accept_for
+from .store import ClaimStatus, KeyStore, ReserveStatus, store_for_app
+
+logger = logging.getLogger("celery_idempotency")
+
+STORE_ATTEMPT_HEADER = "idempotency_store_attempt"
+# Options of a message that is part of a canvas: such a message is always published, and its
+# duplicate short-circuits at execution, so that callbacks, chords and group results still fire.
+_CANVAS_OPTIONS = ("link", "link_error", "chain", "chord", "group_id")
+_WRITE_ATTEMPTS = (0.05, 0.2, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class KeyContext:
+    """Everything needed to address one key: where it lives and what payload it stands for."""
+
+    ref: RecordRef
+    fingerprint: str
+    config: IdempotencyConfig
+
+
+def _message_options(source: Mapping[str, Any]) -> dict[str, Any]:
+    return {PREFIX + name: source[PREFIX + name] for name in PER_MESSAGE
+            if source.get(PREFIX + name) is not None}
+
+
+class IdempotentTask(Task):  # type: ignore[misc]
+    """Base class: ``@app.task(base=IdempotentTask)``. Runs once per idempotency key."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Fail at decoration time on a misspelt option, not silently at run time.
+        check_names(list(task_options_of(cls)), f"option(s) of task class {cls.__name__!r}")
+
+    # -- settings and store --------------------------------------------------------------------
+
+    def idem_config(self) -> IdempotencyConfig:
+        """This task's resolved settings (app setting, overridden by task options)."""
+        cached: IdempotencyConfig | None = self.__dict__.get("_idem_config_cache")
+        if cached is None:
+            cached = resolve(self.app.conf, task_options_of(type(self)), task_name=self.name)
+            self.__dict__["_idem_config_cache"] = cached
+        return cached
+
+    def idem_store(self, config: IdempotencyConfig | None = None) -> KeyStore:
+        config = config or self.idem_config()
+        return store_for_app(self.app, config.store_url, prefix=config.key_prefix,
+                             timeout=config.store_timeout)
+
+    def key_context(self, args: Any, kwargs: Any, *, key: str | None,
+                    message_options: Mapping[str, Any], fp: str | None = None) -> KeyContext:
+        """Resolve the key (explicit or derived), its scope and the payload fingerprint."""
+        config = self.idem_config().with_message_options(message_options)
+        args = tuple(args or ())
+        kwargs = dict(kwargs or {})
+        arguments = bind_arguments(self.run, args, kwargs)
+        if fp is None:
+            fp = fingerprint(arguments)
+        if key is not None:
+            key = validate_key(key)
+        elif config.require_key:
+            raise IdempotencyKeyRequired(
+                f"task {self.name!r} requires an explicit idempotency key "
+                "(apply_async(..., idempotency_key=...) or the idempotency_key header)")
+        else:
+            key = derive_key(arguments, fields=config.key_fields, func=config.key_func,
+                             args=args, kwargs=kwargs)
+        return KeyContext(RecordRef(config.scope or self.name, key), fp, config)
+
+    def result_for_key(self, key: str, *, scope: str | None = None) -> IdempotentResult | None:
+        """The handle of the task that owns ``key`` (e.g. in a result endpoint), or None."""
+        config = self.idem_config()
+        store = self.idem_store(config)
+        ref = RecordRef(scope or config.scope or self.name, validate_key(key))
+        record = store.get(ref)
+        if record is None:
+            return None
+        return IdempotentResult(record.task_id, store=store, ref=ref,
+                                accept=accept_for(config.result_serializer), duplicate=True,
+                                app=self.app, task_name=self.name)
+
+    # -- publish -------------------------------------------------------------------------------
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
+                    producer: Any = None, link: Any = None, link_error: Any = None,
+                    shadow: Any = None, **options: Any) -> Any:
+        idem_options = {name: options.pop(name) for name in list(options)
+                        if name.startswith(PREFIX)}
+        explicit_key = idem_options.pop(KEY_HEADER, None)
+        check_names(list(idem_options), "apply_async option(s)")
+        config = self.idem_config().with_message_options(idem_options)
+
+        def publish(final_options: dict[str, Any], final_id: str | None) -> Any:
+            return super(IdempotentTask, self).apply_async(
+                args, kwargs, task_id=final_id, producer=producer, link=link,
+                link_error=link_error, shadow=shadow, **final_options)
+
+        if not config.enabled or self._is_republish_of_running(task_id):
+            # A retry (self.retry, autoretry, our own wait) re-sends the running task's id
+            # with its headers: it must always be published, never deduplicated.
+            return publish(options, task_id)
+
+        headers = dict(options.get("headers") or {})
+        if explicit_key is None:
+            explicit_key = headers.get(KEY_HEADER)
+        message_options = {**_message_options(headers), **_message_options(idem_options)}
+        context = self.key_context(args, kwargs, key=explicit_key,
+                                   message_options=message_options)
+        task_id = task_id or uuid()
+        headers.update(message_options)
+        headers[KEY_HEADER] = context.ref.key
+        headers[FINGERPRINT_HEADER] = context.fingerprint
+        options["headers"] = headers
+
+        store = self.idem_store(config)
+        try:
+            reservation = store.reserve(context.ref, task_id=task_id,
+                                        fingerprint=context.fingerprint, task_name=self.name,
+                                        ttl_ms=context.config.ttl_ms)
+        except StoreUnavailable:
+            if not config.fail_open:
+                raise
+            logger.warning("idempotency store unreachable; publishing %s[%s] key=%r "
+                           "UNPROTECTED (idempotency_on_store_error='fail_open')",
+                           self.name, task_id, context.ref.key)
+            return publish(options, task_id)
+
+        in_canvas = bool(link or link_error) or any(options.get(o) for o in _CANVAS_OPTIONS)
+        accept = accept_for(config.result_serializer)
+        if reservation.status is ReserveStatus.DUPLICATE and not in_canvas:
+            assert reservation.record is not None
+            logger.info("duplicate publish of %s key=%r: not sent, original task %s (%s)",
+                        self.name, context.ref.key, reservation.record.task_id,
+                        reservation.record.state.value)
+            return IdempotentResult(reservation.record.task_id, store=store, ref=context.ref,
+                                    accept=accept, duplicate=True, app=self.app,
+                                    task_name=self.name)
+        try:
+            sent = publish(options, task_id)
+        except BaseException:
+            if reservation.status is ReserveStatus.RESERVED:
+                # Compare-and-delete: only our own, still pending reservation goes.
+                try:
+                    store.unreserve(context.ref, task_id=task_id)
+                except StoreUnavailable:
+                    logger.error("publish of %s[%s] failed and its reservation of key %r could "
+                                 "not be undone; release it with the CLI", self.name, task_id,
+                                 context.ref.key)
+            raise
+        eager = sent if getattr(sent, "id", None) == task_id and self.app.conf.task_always_eager \
+            else None
+        return IdempotentResult(task_id, store=store, ref=context.ref, accept=accept,
+                                duplicate=reservation.status is ReserveStatus.DUPLICATE,
+                                app=self.app, task_name=self.name, eager=eager)
+
+    @staticmethod
+    def _is_republish_of_running(task_id: str | None) -> bool:
+        # Not self.request: a task bound lazily by another thread may not have one yet.
+        current = get_current_worker_task()
+        return bool(task_id and current is not None and current.request.id == task_id)
+
+    # -- execute -------------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        config = self.idem_config()
+        if request.called_directly or not config.enabled:
+            return super().__call__(*args, **kwargs)
+        headers = request.headers or {}
+
+        def header(name: str) -> Any:
+            value = getattr(request, name, None)
+            return headers.get(name) if value is None else value
+
+        message_options = {PREFIX + n: header(PREFIX + n) for n in PER_MESSAGE
+                           if header(PREFIX + n) is not None}
+        context = self.key_context(args, kwargs, key=header(KEY_HEADER),
+                                   message_options=message_options,
+                                   fp=header(FINGERPRINT_HEADER))
+        ref, store = context.ref, self.idem_store(context.config)
+        owner = secrets.token_hex(8)
+        try:
+            claim = store.claim(ref, task_id=request.id, owner=owner,
+                                fingerprint=context.fingerprint, task_name=self.name,
+                                lease_ms=context.config.lease_ms, ttl_ms=context.config.ttl_ms)
+        except StoreUnavailable:
+            if context.config.fail_open:
+                logger.warning("idempotency store unreachable; running %s[%s] key=%r "
+                               "UNPROTECTED (idempotency_on_store_error='fail_open')",
+                               self.name, request.id, ref.key)
+                return super().__call__(*args, **kwargs)
+            attempt = int(header(STORE_ATTEMPT_HEADER) or 0)
+            delay = min(0.5 * 2 ** attempt, context.config.store_retry_max_delay)
+            logger.warning("idempotency store unreachable; %s[%s] key=%r not run, tried again "
+                           "in %.1f s", self.name, request.id, ref.key, delay)
+            raise self._republish_later(delay, {STORE_ATTEMPT_HEADER: attempt + 1}) from None
+
+        if claim.status is ClaimStatus.BUSY:
+            assert claim.record is not None
+            remaining = ((claim.record.lease_expires_ms or 0) - store.now_ms()) / 1000
+            delay = max(0.05, min(context.config.busy_retry_delay, remaining))
+            logger.info("%s[%s] key=%r is running as task %s; looking again in %.2f s",
+                        self.name, request.id, ref.key, claim.record.task_id, delay)
+            raise self._republish_later(delay, {})
+        if claim.status is ClaimStatus.SUCCEEDED:
+            assert claim.record is not None
+            logger.info("%s[%s] key=%r already succeeded as task %s: replaying its result",
+                        self.name, request.id, ref.key, claim.record.task_id)
+            try:
+                return decode_result(claim.record, accept=accept_for(
+                    context.config.result_serializer))
+            except ResultNotStored:
+                logger.warning("%s[%s] key=%r succeeded before without a cached result; "
+                               "returning None", self.name, request.id, ref.key)
+                return None
+        if claim.status is ClaimStatus.FAILED:
+            assert claim.record is not None
+            logger.info("%s[%s] key=%r already failed as task %s: replaying its error",
+                        self.name, request.id, ref.key, claim.record.task_id)
+            raise rebuild_error(claim.record)
+        if claim.status is ClaimStatus.TAKEN_OVER:
+            logger.warning("%s[%s] key=%r: the lease of task %s expired; taken over "
+                           "(fence %d)", self.name, request.id, ref.key,
+                           claim.previous_task_id, claim.fence)
+        request.idempotency_fence = claim.fence
+        return self._run_claimed(context, store, owner, args, kwargs)
+
+    def _run_claimed(self, context: KeyContext, store: KeyStore, owner: str,
+                     args: Any, kwargs: Any) -> Any:
+        ref, config = context.ref, context.config
+        task_id = self.request.id
+        try:
+            result = super().__call__(*args, **kwargs)
+        except Retry as exc:
+            extra_ms = _retry_delay_ms(exc.when)
+            self._write(ref, "release for retry",
+                        lambda: store.release(ref, owner=owner, ttl_ms=config.ttl_ms + extra_ms))
+            raise
+        except Ignore:
+            # The task chose to leave no outcome (e.g. self.replace()): free the key.
+            self._write(ref, "discard", lambda: store.discard(ref, owner=owner))
+            raise
+        except Reject:
+            self._write(ref, "release", lambda: store.release(ref, owner=owner))
+            raise
+        except Exception as exc:
+            error, cacheable = encode_error(exc), isinstance(exc, config.cache_errors)
+            self._write(ref, "record failure", lambda: store.fail(
+                ref, owner=owner, error=error, retryable=not cacheable, ttl_ms=config.ttl_ms))
+            raise
+        except BaseException:
+            # Worker shutting down mid-task (SystemExit, KeyboardInterrupt): give the claim
+            # back so that the redelivered message runs at once instead of waiting out the lease.
+            self._write(ref, "release", lambda: store.release(ref, owner=owner))
+            raise
+        payload = encode_result(result, serializer=config.result_serializer,
+                                max_bytes=config.max_result_bytes, key=ref.key, task_id=task_id)
+        self._write(ref, "record success",
+                    lambda: store.complete(ref, owner=owner, result=payload, ttl_ms=config.ttl_ms))
+        return result
+
+    def _write(self, ref: RecordRef, what: str, action: Callable[[], Any]) -> None:
+        """An owner-checked outcome write: retried briefly if the store is unreachable, never
+        forced over a new owner. The task's own outcome still goes to Celery either way."""
+        for pause in (*_WRITE_ATTEMPTS, None):
+            try:
+                action()
+                return
+            except OwnershipLost as exc:
+                logger.error("%s[%s]: did not %s: %s", self.name, self.request.id, what, exc)
+                return
+            except StoreUnavailable as exc:
+                if pause is None:
+                    logger.error("%s[%s] key=%r: could not %s, store unreachable (%s); the "
+                                 "claim stays until its lease expires", self.name,
+                                 self.request.id, ref.key, what, exc)
+                    return
+                time.sleep(pause)
+
+    def _republish_later(self, countdown: float, extra_headers: Mapping[str, Any]) -> Retry:
+        """Re-send this very message later, without spending the user's retry budget.
+
+        ``self.retry`` would count against ``max_retries`` (and its ``max_retries=None`` means
+        the task default, not unlimited): waiting for another owner is not a failure.
+        """
+        request = self.request
+        if request.is_eager:
+            # Eager apply() re-runs a Retry's signature at once: wait here instead.
+            time.sleep(countdown)
+        signature = self.signature_from_request(request, countdown=countdown,
+                                                retries=request.retries)
+        if extra_headers:
+            signature.options["headers"] = {**(signature.options.get("headers") or {}),
+                                            **extra_headers}
+        if not request.is_eager:
+            try:
+                signature.apply_async()
+            except Exception as exc:
+                # Celery's own retry drops the message here (Reject(requeue=False)); requeue
+                # it instead, so that nothing is lost while the broker recovers.
+                raise Reject(exc, requeue=True) from exc
+        return Retry(f"idempotency: looking again in {countdown:.2f} s", when=countdown,
+                     is_eager=request.is_eager, sig=signature)
+
+
+def _retry_delay_ms(when: Any) -> int:
+    """How far ahead a Retry's countdown or eta lies, in ms (so the record's TTL covers it)."""
+    if isinstance(when, (int, float)):
+        return int(max(0.0, float(when)) * 1000)
+    if isinstance(when, datetime):
+        moment = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+        return int(max(0.0, (moment - datetime.now(timezone.utc)).total_seconds()) * 1000)
+    return 0

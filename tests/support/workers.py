@@ -1,0 +1,71 @@
+"""Real ``celery worker`` processes, each in its own process group so that a test can kill the
+whole group (parent and prefork children) and nothing outlives the test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Worker:
+    def __init__(self, app: str, env: dict[str, str], *, pool: str = "prefork",
+                 concurrency: int = 2, queues: str | None = None, name: str = "w1",
+                 log: Path | None = None) -> None:
+        self.app = app
+        self.env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+        self.pool = pool
+        self.concurrency = concurrency
+        self.queues = queues
+        self.name = name
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_handle = None
+
+    def start(self, *, wait_ready: float = 30.0) -> Worker:
+        command = [sys.executable, "-m", "celery", "-A", self.app, "worker", "-P", self.pool,
+                   "-c", str(self.concurrency), "-n", f"{self.name}@%h", "--loglevel", "INFO",
+                   "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        if self.queues:
+            command += ["-Q", self.queues]
+        log_path = self.log or Path(f"/tmp/idem-worker-{self.name}-{os.getpid()}.log")
+        self.log = log_path
+        self._log_handle = log_path.open("ab")
+        self.process = subprocess.Popen(command, env=self.env, cwd=ROOT,
+                                        stdout=self._log_handle, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + wait_ready
+        while time.monotonic() < deadline:
+            if " ready." in self.output():
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{self.output()[-3000:]}")
+            time.sleep(0.1)
+        raise RuntimeError(f"worker not ready after {wait_ready} s:\n{self.output()[-3000:]}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the worker and its pool children."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self._log_handle:
+            self._log_handle.close()
+        self.process = None
