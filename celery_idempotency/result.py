@@ -18,7 +18,7 @@ from kombu.serialization import prepare_accept_content
 from .config import resolve
 from .keys import RecordRef
 from .outcomes import decode_result, rebuild_error
-from .records import KeyState, Record
+from .records import KeyState, Record, ResultStatus
 from .store import KeyStore, store_for_app
 
 _CELERY_STATES = {
@@ -75,19 +75,29 @@ class IdempotentResult(AsyncResult):  # type: ignore[misc]
                 "children": [], "date_done": None}
 
     def _get_task_meta(self) -> dict[str, Any]:
-        if self._eager is not None:
-            return dict(self._eager._get_task_meta())
-        return self._meta(self.record(), decode=True)
+        record = self.record()
+        if self._eager_holds_result(record):
+            return dict(self._eager._get_task_meta())  # type: ignore[union-attr]
+        return self._meta(record, decode=True)
+
+    def _eager_holds_result(self, record: Record | None) -> bool:
+        """In eager mode the first handle also holds the return value itself: use it when the
+        store could not keep it (not serializable, too large). Otherwise the key's outcome in
+        the store wins, so that every handle of a key agrees."""
+        return (self._eager is not None and record is not None
+                and record.state is KeyState.SUCCEEDED
+                and record.result_status is not ResultStatus.STORED
+                and self._eager.successful())
 
     def get(self, timeout: float | None = None, propagate: bool = True,
             interval: float = 0.5, **_ignored: Any) -> Any:
         """Wait for the key's outcome: the cached result, or its error raised."""
-        if self._eager is not None:
-            return self._eager.get(timeout=timeout, propagate=propagate)
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.01  # start fast: most duplicates ask for a result that is already there
         while True:
             record = self.record()
+            if self._eager_holds_result(record):
+                return self._eager.get(timeout=timeout, propagate=propagate)  # type: ignore
             if record is not None and record.state is KeyState.SUCCEEDED:
                 return decode_result(record, accept=self.accept)
             if record is not None and record.state is KeyState.FAILED:

@@ -204,6 +204,8 @@ class IdempotentTask(Task):  # type: ignore[misc]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
+        # None unless this execution holds the key (set below, once claimed).
+        request.idempotency_fence = None
         config = self.idem_config()
         if request.called_directly or not config.enabled:
             return super().__call__(*args, **kwargs)

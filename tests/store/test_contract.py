@@ -1,0 +1,386 @@
+"""The key-store contract: every transition, owner checks, leases, TTLs, mismatches and
+undecodable records, run against `MemoryKeyStore` and `RedisKeyStore` alike."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from celery_idempotency import (
+    CorruptRecord,
+    IdempotencyKeyMismatch,
+    KeyState,
+    KeyStore,
+    MemoryKeyStore,
+    OwnershipLost,
+    RecordRef,
+    RedisKeyStore,
+)
+from celery_idempotency.store import ClaimStatus, ReserveStatus, ResultPayload
+
+REF = RecordRef("tasks.charge", "order-42")
+DAY_MS = 24 * 3600 * 1000
+RESULT = ResultPayload(b'{"ok":true}', "application/json", "utf-8", "stored")
+
+
+def reserve(store: KeyStore, task_id: str = "t1", fp: str = "fp1", ttl_ms: int = DAY_MS,
+            ref: RecordRef = REF):
+    return store.reserve(ref, task_id=task_id, fingerprint=fp, task_name="tasks.charge",
+                         ttl_ms=ttl_ms)
+
+
+def claim(store: KeyStore, task_id: str = "t1", owner: str = "o1", fp: str = "fp1",
+          lease_ms: int = 60_000, ttl_ms: int = DAY_MS, ref: RecordRef = REF):
+    return store.claim(ref, task_id=task_id, owner=owner, fingerprint=fp,
+                       task_name="tasks.charge", lease_ms=lease_ms, ttl_ms=ttl_ms)
+
+
+def state(store: KeyStore, ref: RecordRef = REF) -> KeyState | None:
+    record = store.get(ref)
+    return record.state if record else None
+
+
+def write_raw(store: KeyStore, ref: RecordRef, fields: dict[str, bytes]) -> None:
+    if isinstance(store, MemoryKeyStore):
+        store.put_raw(ref, fields)
+    else:
+        assert isinstance(store, RedisKeyStore)
+        store.client.hset(store.name_of(ref), mapping=fields)
+
+
+# -- reserve -----------------------------------------------------------------------------------
+
+def test_reserve_creates_pending_record_keeping_the_original_key(store: KeyStore) -> None:
+    assert reserve(store).status is ReserveStatus.RESERVED
+    record = store.get(REF)
+    assert record is not None
+    assert (record.state, record.key, record.scope, record.task_id, record.fingerprint) == (
+        KeyState.PENDING, "order-42", "tasks.charge", "t1", "fp1")
+    assert record.owner is None and record.fence == 0
+
+
+def test_second_reserve_is_a_duplicate_naming_the_original_task(store: KeyStore) -> None:
+    reserve(store, task_id="t1")
+    outcome = reserve(store, task_id="t2")
+    assert outcome.status is ReserveStatus.DUPLICATE
+    assert outcome.record is not None and outcome.record.task_id == "t1"
+    assert store.get(REF).task_id == "t1"  # type: ignore[union-attr]
+
+
+def test_reserve_repeated_by_the_same_task_is_idempotent(store: KeyStore) -> None:
+    """A reply lost on the network and the call retried must not turn into a duplicate."""
+    reserve(store, task_id="t1")
+    assert reserve(store, task_id="t1").status is ReserveStatus.RESERVED
+
+
+def test_reserve_with_other_arguments_raises_mismatch(store: KeyStore) -> None:
+    reserve(store, fp="fp1")
+    with pytest.raises(IdempotencyKeyMismatch) as info:
+        reserve(store, task_id="t2", fp="fp2")
+    assert info.value.key == "order-42" and info.value.task_id == "t1"
+    assert store.get(REF).fingerprint == "fp1"  # type: ignore[union-attr]
+
+
+def test_reserve_of_started_key_with_live_lease_is_duplicate(store: KeyStore) -> None:
+    reserve(store)
+    claim(store, lease_ms=60_000)
+    assert reserve(store, task_id="t2").status is ReserveStatus.DUPLICATE
+
+
+def test_reserve_of_started_key_with_expired_lease_is_stale(store: KeyStore) -> None:
+    reserve(store)
+    claim(store, lease_ms=50)
+    time.sleep(0.1)
+    outcome = reserve(store, task_id="t2")
+    assert outcome.status is ReserveStatus.STALE
+    # Publishing goes ahead, but the record is untouched until the new message claims it.
+    assert state(store) is KeyState.STARTED and store.get(REF).task_id == "t1"  # type: ignore
+
+
+def test_reserve_after_retryable_failure_reserves_again_keeping_fence(store: KeyStore) -> None:
+    reserve(store)
+    claim(store)
+    store.fail(REF, owner="o1", error='{"type":"x.E","message":"m","args":[]}', retryable=True,
+               ttl_ms=DAY_MS)
+    assert reserve(store, task_id="t2").status is ReserveStatus.RESERVED
+    record = store.get(REF)
+    assert record is not None
+    assert (record.state, record.task_id, record.error, record.fence) == (
+        KeyState.PENDING, "t2", None, 1)
+
+
+def test_reserve_after_cached_failure_is_duplicate(store: KeyStore) -> None:
+    reserve(store)
+    claim(store)
+    store.fail(REF, owner="o1", error='{"type":"x.E","message":"m","args":[]}', retryable=False,
+               ttl_ms=DAY_MS)
+    assert reserve(store, task_id="t2").status is ReserveStatus.DUPLICATE
+
+
+def test_reserve_after_success_is_duplicate(store: KeyStore) -> None:
+    reserve(store)
+    claim(store)
+    store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+    outcome = reserve(store, task_id="t2")
+    assert outcome.status is ReserveStatus.DUPLICATE
+    assert outcome.record is not None and outcome.record.state is KeyState.SUCCEEDED
+
+
+def test_unreserve_deletes_only_our_own_pending_reservation(store: KeyStore) -> None:
+    reserve(store, task_id="t1")
+    assert store.unreserve(REF, task_id="other") is False
+    assert state(store) is KeyState.PENDING
+    assert store.unreserve(REF, task_id="t1") is True
+    assert store.get(REF) is None
+
+
+def test_unreserve_leaves_a_claimed_record_alone(store: KeyStore) -> None:
+    reserve(store, task_id="t1")
+    claim(store, task_id="t1")
+    assert store.unreserve(REF, task_id="t1") is False
+    assert state(store) is KeyState.STARTED
+
+
+# -- claim -------------------------------------------------------------------------------------
+
+def test_claim_of_absent_key_creates_started_record(store: KeyStore) -> None:
+    outcome = claim(store)
+    assert outcome.status is ClaimStatus.CLAIMED and outcome.fence == 1
+    record = store.get(REF)
+    assert record is not None and record.state is KeyState.STARTED
+    assert (record.owner, record.key, record.fingerprint) == ("o1", "order-42", "fp1")
+    assert record.lease_expires_ms is not None
+    assert record.lease_expires_ms > store.now_ms() + 50_000
+
+
+def test_claim_of_pending_key_by_any_task_id(store: KeyStore) -> None:
+    reserve(store, task_id="t1")
+    outcome = claim(store, task_id="t-other")
+    assert outcome.status is ClaimStatus.CLAIMED
+    assert store.get(REF).task_id == "t-other"  # type: ignore[union-attr]
+
+
+def test_claim_while_live_owner_holds_it_is_busy(store: KeyStore) -> None:
+    claim(store, owner="o1")
+    outcome = claim(store, task_id="t2", owner="o2")
+    assert outcome.status is ClaimStatus.BUSY
+    assert outcome.record is not None and outcome.record.owner == "o1"
+
+
+def test_claim_repeated_by_the_same_owner_is_idempotent(store: KeyStore) -> None:
+    first = claim(store, owner="o1")
+    again = claim(store, owner="o1")
+    assert again.status is ClaimStatus.CLAIMED and again.fence == first.fence
+
+
+def test_claim_of_expired_lease_takes_over_with_new_fence(store: KeyStore) -> None:
+    claim(store, task_id="t1", owner="o1", lease_ms=50)
+    time.sleep(0.1)
+    outcome = claim(store, task_id="t2", owner="o2")
+    assert outcome.status is ClaimStatus.TAKEN_OVER
+    assert outcome.fence == 2 and outcome.previous_task_id == "t1"
+    record = store.get(REF)
+    assert record is not None and (record.owner, record.task_id) == ("o2", "t2")
+
+
+def test_late_original_owner_cannot_write_after_takeover(store: KeyStore) -> None:
+    claim(store, owner="o1", lease_ms=50)
+    time.sleep(0.1)
+    claim(store, task_id="t2", owner="o2")
+    with pytest.raises(OwnershipLost) as info:
+        store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+    assert info.value.key == "order-42" and info.value.task_id == "t2"
+    with pytest.raises(OwnershipLost):
+        store.fail(REF, owner="o1", error="{}", retryable=True, ttl_ms=DAY_MS)
+    assert store.release(REF, owner="o1") is False
+    assert store.renew(REF, owner="o1", lease_ms=60_000) is False
+    assert store.discard(REF, owner="o1") is False
+    record = store.get(REF)
+    assert record is not None and (record.state, record.owner) == (KeyState.STARTED, "o2")
+
+
+def test_claim_of_succeeded_key_returns_the_record(store: KeyStore) -> None:
+    claim(store)
+    store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+    outcome = claim(store, task_id="t2", owner="o2")
+    assert outcome.status is ClaimStatus.SUCCEEDED
+    assert outcome.record is not None and outcome.record.result == RESULT.data
+
+
+def test_claim_of_cached_failure_replays_it(store: KeyStore) -> None:
+    claim(store)
+    store.fail(REF, owner="o1", error='{"type":"x.E","message":"m","args":[]}', retryable=False,
+               ttl_ms=DAY_MS)
+    outcome = claim(store, task_id="t2", owner="o2")
+    assert outcome.status is ClaimStatus.FAILED
+    assert outcome.record is not None and outcome.record.error == {
+        "type": "x.E", "message": "m", "args": []}
+
+
+def test_retryable_failure_is_rerun_by_a_new_message_but_replayed_to_its_own(
+        store: KeyStore) -> None:
+    claim(store, task_id="t1")
+    store.fail(REF, owner="o1", error='{"type":"x.E","message":"m","args":[]}', retryable=True,
+               ttl_ms=DAY_MS)
+    # The failed message itself, redelivered: replay the error, do not run again.
+    assert claim(store, task_id="t1", owner="o2").status is ClaimStatus.FAILED
+    # A new message with the key: run again.
+    outcome = claim(store, task_id="t2", owner="o3")
+    assert outcome.status is ClaimStatus.CLAIMED and outcome.fence == 2
+    record = store.get(REF)
+    assert record is not None and record.error is None and not record.retryable
+
+
+def test_claim_with_other_arguments_raises_mismatch(store: KeyStore) -> None:
+    reserve(store, fp="fp1")
+    with pytest.raises(IdempotencyKeyMismatch):
+        claim(store, fp="fp2")
+    assert state(store) is KeyState.PENDING
+
+
+# -- complete / fail / release / renew / discard ----------------------------------------------
+
+def test_complete_stores_result_and_clears_lease(store: KeyStore) -> None:
+    claim(store)
+    store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+    record = store.get(REF)
+    assert record is not None
+    assert (record.state, record.result, record.content_type, record.lease_expires_ms) == (
+        KeyState.SUCCEEDED, RESULT.data, "application/json", None)
+    # Repeating the same owner's write (reply lost, call retried) is harmless.
+    store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+
+
+def test_complete_keeps_non_default_content_type_and_status(store: KeyStore) -> None:
+    claim(store)
+    payload = ResultPayload(b"\x80\x04K\x01.", "application/x-python-serialize", "binary",
+                            "stored")
+    store.complete(REF, owner="o1", result=payload, ttl_ms=DAY_MS)
+    record = store.get(REF)
+    assert record is not None
+    assert (record.content_type, record.content_encoding, record.result) == (
+        "application/x-python-serialize", "binary", b"\x80\x04K\x01.")
+
+
+def test_complete_without_result_keeps_the_success(store: KeyStore) -> None:
+    claim(store)
+    store.complete(REF, owner="o1", result=ResultPayload(b"", "application/json", "utf-8",
+                                                         "unserializable"), ttl_ms=DAY_MS)
+    record = store.get(REF)
+    assert record is not None and record.state is KeyState.SUCCEEDED
+    assert record.result_status.value == "unserializable"
+
+
+def test_complete_of_a_pending_record_is_refused(store: KeyStore) -> None:
+    reserve(store)
+    with pytest.raises(OwnershipLost):
+        store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+    assert state(store) is KeyState.PENDING
+
+
+def test_complete_of_a_missing_record_is_refused(store: KeyStore) -> None:
+    with pytest.raises(OwnershipLost, match="gone"):
+        store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+    assert store.get(REF) is None
+
+
+def test_fail_records_error_and_retryable_flag(store: KeyStore) -> None:
+    claim(store)
+    store.fail(REF, owner="o1", error='{"type":"builtins.ValueError","message":"bad",'
+               '"args":["bad"]}', retryable=False, ttl_ms=DAY_MS)
+    record = store.get(REF)
+    assert record is not None and record.state is KeyState.FAILED
+    assert record.error is not None and record.error["message"] == "bad"
+    assert record.retryable is False
+
+
+def test_release_returns_claim_to_pending_for_the_same_task(store: KeyStore) -> None:
+    reserve(store, task_id="t1")
+    claim(store, task_id="t1", owner="o1")
+    assert store.release(REF, owner="o2") is False
+    assert store.release(REF, owner="o1", ttl_ms=DAY_MS) is True
+    record = store.get(REF)
+    assert record is not None
+    assert (record.state, record.task_id, record.lease_expires_ms) == (
+        KeyState.PENDING, "t1", None)
+    assert store.release(REF, owner="o1") is True  # repeated by the same owner: harmless
+    # The retried message claims it again, with a new fence.
+    assert claim(store, task_id="t1", owner="o3").fence == 2
+
+
+def test_renew_extends_only_our_own_lease(store: KeyStore) -> None:
+    claim(store, owner="o1", lease_ms=200)
+    assert store.renew(REF, owner="o2", lease_ms=60_000) is False
+    assert store.renew(REF, owner="o1", lease_ms=60_000) is True
+    time.sleep(0.3)
+    assert claim(store, task_id="t2", owner="o2").status is ClaimStatus.BUSY
+
+
+def test_discard_deletes_only_our_own_claim(store: KeyStore) -> None:
+    claim(store, owner="o1")
+    assert store.discard(REF, owner="o2") is False
+    assert store.discard(REF, owner="o1") is True
+    assert store.get(REF) is None
+
+
+# -- TTLs, scopes, scanning, decoding ---------------------------------------------------------
+
+def test_records_expire_after_their_ttl(store: KeyStore) -> None:
+    reserve(store, ttl_ms=100)
+    assert state(store) is KeyState.PENDING
+    time.sleep(0.2)
+    assert store.get(REF) is None
+    claim(store, ttl_ms=100)
+    store.complete(REF, owner="o1", result=RESULT, ttl_ms=150)
+    assert state(store) is KeyState.SUCCEEDED
+    time.sleep(0.25)
+    assert store.get(REF) is None
+
+
+def test_release_with_ttl_covers_a_retry_countdown(store: KeyStore) -> None:
+    claim(store, ttl_ms=100)
+    store.release(REF, owner="o1", ttl_ms=5_000)
+    time.sleep(0.2)
+    assert state(store) is KeyState.PENDING
+
+
+def test_scopes_keep_equal_keys_apart(store: KeyStore) -> None:
+    other = RecordRef("receipts", "order-42")
+    reserve(store, task_id="t1")
+    assert reserve(store, task_id="t2", fp="other", ref=other).status is ReserveStatus.RESERVED
+    assert store.get(other).task_id == "t2"  # type: ignore[union-attr]
+
+
+def test_scan_streams_every_record(store: KeyStore) -> None:
+    refs = [RecordRef("s", f"k{i}") for i in range(25)]
+    for ref in refs:
+        reserve(store, ref=ref)
+    assert sorted(r.key for r in store.scan()) == sorted(ref.key for ref in refs)
+
+
+def test_keys_with_glob_characters_are_plain_keys(store: KeyStore) -> None:
+    star = RecordRef("s", "*")
+    reserve(store, ref=star)
+    assert store.get(RecordRef("s", "a")) is None
+    assert store.get(star) is not None
+
+
+def test_undecodable_record_raises_error_naming_the_key(store: KeyStore) -> None:
+    write_raw(store, REF, {"k": b"order-42", "s": b"tasks.charge", "st": b"exploded",
+                           "t": b"t1", "fp": b"fp1"})
+    with pytest.raises(CorruptRecord) as info:
+        store.get(REF)
+    assert "exploded" in str(info.value) and info.value.key is not None
+    with pytest.raises(CorruptRecord):
+        reserve(store, task_id="t2")
+
+
+def test_record_missing_fields_raises_error(store: KeyStore) -> None:
+    write_raw(store, REF, {"st": b"pending"})
+    with pytest.raises(CorruptRecord, match="no field"):
+        store.get(REF)
+
+
+def test_clock_is_the_stores_own(store: KeyStore) -> None:
+    assert abs(store.now_ms() - time.time() * 1000) < 5_000
