@@ -101,6 +101,11 @@ class KeyStore(abc.ABC):
         """Delete the record if ``owner`` still holds it (the task ended without an outcome)."""
 
     @abc.abstractmethod
+    def delete_if_unchanged(self, record: Record) -> bool:
+        """Operators: delete the record only if it is still exactly as ``record`` shows it
+        (same state, update time and fence), so a key that moved on meanwhile is left alone."""
+
+    @abc.abstractmethod
     def get(self, ref: RecordRef) -> Record | None:
         """Read a record (no write). Raises `CorruptRecord` for an undecodable one."""
 
@@ -134,3 +139,9 @@ def ownership_lost_error(ref: RecordRef, owner: str, record: Record | None,
         now = f"it is {record.state.value}, owned by task {record.task_id}"
     return OwnershipLost(f"cannot {action}: this worker (owner {owner}) lost the claim; {now}",
                          key=ref.key, task_id=record.task_id if record else None)
+
+
+def unchanged_conditions(record: Record) -> dict[str, str]:
+    """Field values that identify this exact version of a record (for compare-and-delete)."""
+    return {"st": record.state.value, "u": str(record.updated_ms), "f": str(record.fence),
+            "t": record.task_id}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from ..keys import RecordRef
 from ..records import Record, decode_record
@@ -23,6 +23,7 @@ from .base import (
     ResultPayload,
     mismatch_error,
     ownership_lost_error,
+    unchanged_conditions,
 )
 
 Fields = dict[str, bytes]
@@ -94,20 +95,23 @@ class MemoryKeyStore(KeyStore):
             self._expire(name, ttl_ms, now)
             return Reservation(ReserveStatus.RESERVED)
 
-    def _discard_if(self, ref: RecordRef, field: str, value: str, state: bytes) -> bool:
+    def _discard_if(self, ref: RecordRef, conditions: Mapping[str, str]) -> bool:
         name = self.name_of(ref)
         with self._lock:
             fields = self._live(name, self.now_ms())
-            if fields is None or fields.get(field) != _b(value) or fields.get("st") != state:
+            if fields is None or any(fields.get(f) != _b(v) for f, v in conditions.items()):
                 return False
             self._delete(name)
             return True
 
     def unreserve(self, ref: RecordRef, *, task_id: str) -> bool:
-        return self._discard_if(ref, "t", task_id, b"pending")
+        return self._discard_if(ref, {"t": task_id, "st": "pending"})
 
     def discard(self, ref: RecordRef, *, owner: str) -> bool:
-        return self._discard_if(ref, "o", owner, b"started")
+        return self._discard_if(ref, {"o": owner, "st": "started"})
+
+    def delete_if_unchanged(self, record: Record) -> bool:
+        return self._discard_if(RecordRef(record.scope, record.key), unchanged_conditions(record))
 
     def claim(self, ref: RecordRef, *, task_id: str, owner: str, fingerprint: str,
               task_name: str, lease_ms: int, ttl_ms: int) -> Claim:

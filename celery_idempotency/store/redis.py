@@ -8,7 +8,7 @@ Redis Cluster. Replies carry the status and the record in one round trip.
 from __future__ import annotations
 
 import importlib.resources
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -28,6 +28,7 @@ from .base import (
     ResultPayload,
     mismatch_error,
     ownership_lost_error,
+    unchanged_conditions,
 )
 
 _SCRIPTS = ("reserve", "discard", "claim", "complete", "fail", "release", "renew")
@@ -96,8 +97,12 @@ class RedisKeyStore(KeyStore):
             raise mismatch_error(ref, record)
         return Reservation(ReserveStatus(status), record)
 
+    def _discard_if(self, ref: RecordRef, conditions: Mapping[str, str]) -> bool:
+        args = [item for pair in conditions.items() for item in pair]
+        return bool(self._run("discard", ref, args))
+
     def unreserve(self, ref: RecordRef, *, task_id: str) -> bool:
-        return bool(self._run("discard", ref, ["t", task_id, "pending"]))
+        return self._discard_if(ref, {"t": task_id, "st": "pending"})
 
     def claim(self, ref: RecordRef, *, task_id: str, owner: str, fingerprint: str,
               task_name: str, lease_ms: int, ttl_ms: int) -> Claim:
@@ -137,7 +142,10 @@ class RedisKeyStore(KeyStore):
         return bool(self._run("renew", ref, [owner, lease_ms]))
 
     def discard(self, ref: RecordRef, *, owner: str) -> bool:
-        return bool(self._run("discard", ref, ["o", owner, "started"]))
+        return self._discard_if(ref, {"o": owner, "st": "started"})
+
+    def delete_if_unchanged(self, record: Record) -> bool:
+        return self._discard_if(RecordRef(record.scope, record.key), unchanged_conditions(record))
 
     def get(self, ref: RecordRef) -> Record | None:
         name = self.name_of(ref)

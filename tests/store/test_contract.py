@@ -384,3 +384,16 @@ def test_record_missing_fields_raises_error(store: KeyStore) -> None:
 
 def test_clock_is_the_stores_own(store: KeyStore) -> None:
     assert abs(store.now_ms() - time.time() * 1000) < 5_000
+
+
+def test_delete_if_unchanged_refuses_a_record_that_moved_on(store: KeyStore) -> None:
+    claim(store, owner="o1", lease_ms=50)
+    seen = store.get(REF)
+    assert seen is not None
+    time.sleep(0.1)
+    claim(store, task_id="t2", owner="o2")  # taken over after the operator looked
+    assert store.delete_if_unchanged(seen) is False
+    assert state(store) is KeyState.STARTED
+    current = store.get(REF)
+    assert current is not None and store.delete_if_unchanged(current) is True
+    assert store.get(REF) is None

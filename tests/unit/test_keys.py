@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import datetime
-import re
 import decimal
+import re
 import uuid
 from typing import Any
 

@@ -1,12 +1,14 @@
--- discard: compare-and-delete. Deletes the record only if a field still holds our value.
--- Used to undo a reservation whose publish failed (field 't', state 'pending') and to drop
--- a claim whose task ended without an outcome (field 'o', state 'started').
+-- discard: compare-and-delete. Deletes the record only if every given field holds the given
+-- value. Used to undo a reservation whose publish failed (t=<task id>, st=pending), to drop a
+-- claim whose task ended without an outcome (o=<owner>, st=started), and by operators to
+-- delete a record only if it has not changed since they looked at it (u=<updated>, f=<fence>).
 -- KEYS[1] record
--- ARGV[1] field name ('t' or 'o')  ARGV[2] expected value  ARGV[3] required state
+-- ARGV field, value, field, value, ... (at least one pair)
 -- returns 1 if deleted, 0 otherwise
 local rec = KEYS[1]
-if redis.call('HGET', rec, ARGV[1]) == ARGV[2] and redis.call('HGET', rec, 'st') == ARGV[3] then
-  redis.call('DEL', rec)
-  return 1
+if redis.call('EXISTS', rec) == 0 then return 0 end
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', rec, ARGV[i]) ~= ARGV[i + 1] then return 0 end
 end
-return 0
+redis.call('DEL', rec)
+return 1
