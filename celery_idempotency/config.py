@@ -35,7 +35,7 @@ class IdempotencyConfig:
 
     store_url: str
     ttl: float = SEVEN_DAYS
-    lease: float = 300.0
+    lease: float | None = None  # None: 60 s, or less for a task with a short time limit
     key_prefix: str = "idem:"
     on_store_error: str = FAIL_CLOSED
     enabled: bool = True
@@ -54,9 +54,6 @@ class IdempotencyConfig:
     def ttl_ms(self) -> int:
         return int(self.ttl * 1000)
 
-    @property
-    def lease_ms(self) -> int:
-        return int(self.lease * 1000)
 
     @property
     def fail_open(self) -> bool:

@@ -9,7 +9,6 @@ result and is passed to callbacks) deduplicates at execution.
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,9 +37,11 @@ from .exceptions import (
     StoreUnavailable,
 )
 from .keys import RecordRef, bind_arguments, derive_key, fingerprint, validate_key
+from .leases import lease_keeper, new_owner_token
 from .outcomes import decode_result, encode_error, encode_result, rebuild_error
 from .result import IdempotentResult, accept_for
 from .store import ClaimStatus, KeyStore, ReserveStatus, store_for_app
+from .worker import IdempotentRequest
 
 logger = logging.getLogger("celery_idempotency")
 
@@ -49,6 +50,10 @@ STORE_ATTEMPT_HEADER = "idempotency_store_attempt"
 # duplicate short-circuits at execution, so that callbacks, chords and group results still fire.
 _CANVAS_OPTIONS = ("link", "link_error", "chain", "chord", "group_id")
 _WRITE_ATTEMPTS = (0.05, 0.2, 0.5, 1.0)
+_OUR_HEADERS = (KEY_HEADER, FINGERPRINT_HEADER, STORE_ATTEMPT_HEADER,
+                *(PREFIX + name for name in PER_MESSAGE))
+DEFAULT_LEASE = 60.0
+TIME_LIMIT_MARGIN = 5.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,9 @@ def _message_options(source: Mapping[str, Any]) -> dict[str, Any]:
 
 class IdempotentTask(Task):  # type: ignore[misc]
     """Base class: ``@app.task(base=IdempotentTask)``. Runs once per idempotency key."""
+
+    #: Main-process hooks: a dead pool child's or a revoked task's claim is given up at once.
+    Request = IdempotentRequest
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -107,6 +115,25 @@ class IdempotentTask(Task):  # type: ignore[misc]
             key = derive_key(arguments, fields=config.key_fields, func=config.key_func,
                              args=args, kwargs=kwargs)
         return KeyContext(RecordRef(config.scope or self.name, key), fp, config)
+
+    def key_context_of_message(self, args: Any, kwargs: Any,
+                               headers: Mapping[str, Any]) -> KeyContext:
+        """The key context of a received message (its headers, else derived from arguments)."""
+        message_options = {PREFIX + n: headers[PREFIX + n] for n in PER_MESSAGE
+                           if headers.get(PREFIX + n) is not None}
+        return self.key_context(args, kwargs, key=headers.get(KEY_HEADER),
+                                message_options=message_options,
+                                fp=headers.get(FINGERPRINT_HEADER))
+
+    def lease_ms(self, config: IdempotencyConfig) -> int:
+        """``idempotency_lease``, else 60 s; a task with a shorter hard time limit is killed
+        by then, so its lease need not (and, to free its key sooner, should not) outlast it."""
+        if config.lease is not None:
+            return int(config.lease * 1000)
+        lease = DEFAULT_LEASE
+        if self.time_limit and self.time_limit + TIME_LIMIT_MARGIN < lease:
+            lease = self.time_limit + TIME_LIMIT_MARGIN
+        return int(lease * 1000)
 
     def result_for_key(self, key: str, *, scope: str | None = None) -> IdempotentResult | None:
         """The handle of the task that owns ``key`` (e.g. in a result endpoint), or None."""
@@ -209,30 +236,26 @@ class IdempotentTask(Task):  # type: ignore[misc]
         config = self.idem_config()
         if request.called_directly or not config.enabled:
             return super().__call__(*args, **kwargs)
-        headers = request.headers or {}
-
-        def header(name: str) -> Any:
-            value = getattr(request, name, None)
-            return headers.get(name) if value is None else value
-
-        message_options = {PREFIX + n: header(PREFIX + n) for n in PER_MESSAGE
-                           if header(PREFIX + n) is not None}
-        context = self.key_context(args, kwargs, key=header(KEY_HEADER),
-                                   message_options=message_options,
-                                   fp=header(FINGERPRINT_HEADER))
+        # Custom headers are request attributes on a worker, and only in request.headers when
+        # run eagerly by apply().
+        headers = {**(request.headers or {}),
+                   **{name: value for name in _OUR_HEADERS
+                      if (value := getattr(request, name, None)) is not None}}
+        context = self.key_context_of_message(args, kwargs, headers)
         ref, store = context.ref, self.idem_store(context.config)
-        owner = secrets.token_hex(8)
+        owner = new_owner_token()
+        lease_ms = self.lease_ms(context.config)
         try:
             claim = store.claim(ref, task_id=request.id, owner=owner,
                                 fingerprint=context.fingerprint, task_name=self.name,
-                                lease_ms=context.config.lease_ms, ttl_ms=context.config.ttl_ms)
+                                lease_ms=lease_ms, ttl_ms=context.config.ttl_ms)
         except StoreUnavailable:
             if context.config.fail_open:
                 logger.warning("idempotency store unreachable; running %s[%s] key=%r "
                                "UNPROTECTED (idempotency_on_store_error='fail_open')",
                                self.name, request.id, ref.key)
                 return super().__call__(*args, **kwargs)
-            attempt = int(header(STORE_ATTEMPT_HEADER) or 0)
+            attempt = int(headers.get(STORE_ATTEMPT_HEADER) or 0)
             delay = min(0.5 * 2 ** attempt, context.config.store_retry_max_delay)
             logger.warning("idempotency store unreachable; %s[%s] key=%r not run, tried again "
                            "in %.1f s", self.name, request.id, ref.key, delay)
@@ -266,7 +289,11 @@ class IdempotentTask(Task):  # type: ignore[misc]
                            "(fence %d)", self.name, request.id, ref.key,
                            claim.previous_task_id, claim.fence)
         request.idempotency_fence = claim.fence
-        return self._run_claimed(context, store, owner, args, kwargs)
+        held = lease_keeper.hold(store, ref, owner, lease_ms)
+        try:
+            return self._run_claimed(context, store, owner, args, kwargs)
+        finally:
+            lease_keeper.release(held)
 
     def _run_claimed(self, context: KeyContext, store: KeyStore, owner: str,
                      args: Any, kwargs: Any) -> Any:

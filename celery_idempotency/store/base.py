@@ -101,6 +101,14 @@ class KeyStore(abc.ABC):
         """Delete the record if ``owner`` still holds it (the task ended without an outcome)."""
 
     @abc.abstractmethod
+    def abandon(self, ref: RecordRef, *, task_id: str, owner_prefix: str, requeued: bool,
+                error: str, ttl_ms: int) -> bool:
+        """Worker main process: give up the claim of a task whose child died or that was
+        revoked. Matches ``task_id`` and, for a started record, the owner prefix of the dead
+        child (see `owner_prefix`). ``requeued``: back to ``pending`` for the redelivery;
+        otherwise ``failed`` (retryable) with ``error``, since no message will run it."""
+
+    @abc.abstractmethod
     def delete_if_unchanged(self, record: Record) -> bool:
         """Operators: delete the record only if it is still exactly as ``record`` shows it
         (same state, update time and fence), so a key that moved on meanwhile is left alone."""

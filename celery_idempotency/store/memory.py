@@ -110,6 +110,28 @@ class MemoryKeyStore(KeyStore):
     def discard(self, ref: RecordRef, *, owner: str) -> bool:
         return self._discard_if(ref, {"o": owner, "st": "started"})
 
+    def abandon(self, ref: RecordRef, *, task_id: str, owner_prefix: str, requeued: bool,
+                error: str, ttl_ms: int) -> bool:
+        name = self.name_of(ref)
+        with self._lock:
+            now = self.now_ms()
+            fields = self._live(name, now)
+            if fields is None or fields.get("t") != _b(task_id):
+                return False
+            if fields["st"] == b"started":
+                owner = fields.get("o", b"")
+                if not owner_prefix or not owner.startswith(_b(owner_prefix)):
+                    return False
+            elif fields["st"] != b"pending":
+                return False
+            fields.pop("l", None)
+            if requeued:
+                fields.update({"st": b"pending", "u": _b(now)})
+            else:
+                fields.update({"st": b"failed", "e": _b(error), "ry": b"1", "u": _b(now)})
+                self._expire(name, ttl_ms, now)
+            return True
+
     def delete_if_unchanged(self, record: Record) -> bool:
         return self._discard_if(RecordRef(record.scope, record.key), unchanged_conditions(record))
 

@@ -31,7 +31,7 @@ from .base import (
     unchanged_conditions,
 )
 
-_SCRIPTS = ("reserve", "discard", "claim", "complete", "fail", "release", "renew")
+_SCRIPTS = ("reserve", "discard", "claim", "complete", "fail", "release", "renew", "abandon")
 _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
 T = TypeVar("T")
@@ -143,6 +143,12 @@ class RedisKeyStore(KeyStore):
 
     def discard(self, ref: RecordRef, *, owner: str) -> bool:
         return self._discard_if(ref, {"o": owner, "st": "started"})
+
+    def abandon(self, ref: RecordRef, *, task_id: str, owner_prefix: str, requeued: bool,
+                error: str, ttl_ms: int) -> bool:
+        return bool(self._run("abandon", ref, [task_id, owner_prefix,
+                                               "pending" if requeued else "failed", error,
+                                               ttl_ms]))
 
     def delete_if_unchanged(self, record: Record) -> bool:
         return self._discard_if(RecordRef(record.scope, record.key), unchanged_conditions(record))

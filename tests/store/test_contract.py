@@ -397,3 +397,51 @@ def test_delete_if_unchanged_refuses_a_record_that_moved_on(store: KeyStore) -> 
     current = store.get(REF)
     assert current is not None and store.delete_if_unchanged(current) is True
     assert store.get(REF) is None
+
+
+# -- abandon (worker main process, for a dead child or a revoked task) ------------------------
+
+LOST = '{"type":"billiard.exceptions.WorkerLostError","message":"lost","args":["lost"]}'
+
+
+def test_abandon_of_a_dead_childs_claim_requeued_goes_back_to_pending(store: KeyStore) -> None:
+    reserve(store, task_id="t1")
+    claim(store, task_id="t1", owner="h1:1f.abc")
+    assert store.abandon(REF, task_id="t1", owner_prefix="h1:2f.", requeued=True, error=LOST,
+                         ttl_ms=DAY_MS) is False  # another child's pid
+    assert store.abandon(REF, task_id="t2", owner_prefix="h1:1f.", requeued=True, error=LOST,
+                         ttl_ms=DAY_MS) is False  # another task
+    assert state(store) is KeyState.STARTED
+    assert store.abandon(REF, task_id="t1", owner_prefix="h1:1f.", requeued=True, error=LOST,
+                         ttl_ms=DAY_MS) is True
+    record = store.get(REF)
+    assert record is not None and (record.state, record.task_id) == (KeyState.PENDING, "t1")
+    # The redelivered message claims it at once, without waiting out the lease.
+    assert claim(store, task_id="t1", owner="h1:3a.def").status is ClaimStatus.CLAIMED
+
+
+def test_abandon_without_requeue_fails_retryable(store: KeyStore) -> None:
+    claim(store, task_id="t1", owner="h1:1f.abc")
+    assert store.abandon(REF, task_id="t1", owner_prefix="h1:1f.", requeued=False, error=LOST,
+                         ttl_ms=DAY_MS) is True
+    record = store.get(REF)
+    assert record is not None and record.state is KeyState.FAILED and record.retryable
+    assert record.error is not None and record.error["message"] == "lost"
+    assert reserve(store, task_id="t2").status is ReserveStatus.RESERVED
+
+
+def test_abandon_of_a_revoked_pending_task_needs_no_owner(store: KeyStore) -> None:
+    reserve(store, task_id="t1")
+    assert store.abandon(REF, task_id="t1", owner_prefix="", requeued=False, error=LOST,
+                         ttl_ms=DAY_MS) is True
+    assert state(store) is KeyState.FAILED
+
+
+def test_abandon_leaves_finished_records_and_other_owners_alone(store: KeyStore) -> None:
+    claim(store, task_id="t1", owner="h1:1f.abc")
+    assert store.abandon(REF, task_id="t1", owner_prefix="", requeued=False, error=LOST,
+                         ttl_ms=DAY_MS) is False
+    store.complete(REF, owner="h1:1f.abc", result=RESULT, ttl_ms=DAY_MS)
+    assert store.abandon(REF, task_id="t1", owner_prefix="h1:1f.", requeued=False, error=LOST,
+                         ttl_ms=DAY_MS) is False
+    assert state(store) is KeyState.SUCCEEDED
