@@ -20,6 +20,7 @@ from celery._state import get_current_worker_task
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils import uuid
 
+from . import signals
 from .config import (
     FINGERPRINT_HEADER,
     KEY_HEADER,
@@ -170,7 +171,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
 
         headers = dict(options.get("headers") or {})
         if explicit_key is None:
-            explicit_key = headers.get(KEY_HEADER)
+            explicit_key = headers.get(KEY_HEADER) or signals.current_idempotency_key()
         message_options = {**_message_options(headers), **_message_options(idem_options)}
         context = self.key_context(args, kwargs, key=explicit_key,
                                    message_options=message_options)
@@ -200,6 +201,9 @@ class IdempotentTask(Task):  # type: ignore[misc]
             logger.info("duplicate publish of %s key=%r: not sent, original task %s (%s)",
                         self.name, context.ref.key, reservation.record.task_id,
                         reservation.record.state.value)
+            signals.duplicate_published.send(
+                sender=self, key=context.ref.key, scope=context.ref.scope, task_id=task_id,
+                original_task_id=reservation.record.task_id)
             return IdempotentResult(reservation.record.task_id, store=store, ref=context.ref,
                                     accept=accept, duplicate=True, app=self.app,
                                     task_name=self.name)
@@ -272,6 +276,8 @@ class IdempotentTask(Task):  # type: ignore[misc]
             assert claim.record is not None
             logger.info("%s[%s] key=%r already succeeded as task %s: replaying its result",
                         self.name, request.id, ref.key, claim.record.task_id)
+            signals.outcome_replayed.send(sender=self, key=ref.key, scope=ref.scope,
+                                          task_id=request.id, state="succeeded")
             try:
                 return decode_result(claim.record, accept=accept_for(
                     context.config.result_serializer))
@@ -283,11 +289,19 @@ class IdempotentTask(Task):  # type: ignore[misc]
             assert claim.record is not None
             logger.info("%s[%s] key=%r already failed as task %s: replaying its error",
                         self.name, request.id, ref.key, claim.record.task_id)
+            signals.outcome_replayed.send(sender=self, key=ref.key, scope=ref.scope,
+                                          task_id=request.id, state="failed")
             raise rebuild_error(claim.record)
         if claim.status is ClaimStatus.TAKEN_OVER:
             logger.warning("%s[%s] key=%r: the lease of task %s expired; taken over "
                            "(fence %d)", self.name, request.id, ref.key,
                            claim.previous_task_id, claim.fence)
+            signals.lease_taken_over.send(sender=self, key=ref.key, scope=ref.scope,
+                                          task_id=request.id, fence=claim.fence,
+                                          previous_task_id=claim.previous_task_id)
+        signals.key_claimed.send(sender=self, key=ref.key, scope=ref.scope, task_id=request.id,
+                                 fence=claim.fence,
+                                 took_over=claim.status is ClaimStatus.TAKEN_OVER)
         request.idempotency_fence = claim.fence
         held = lease_keeper.hold(store, ref, owner, lease_ms)
         try:
@@ -305,13 +319,16 @@ class IdempotentTask(Task):  # type: ignore[misc]
             extra_ms = _retry_delay_ms(exc.when)
             self._write(ref, "release for retry",
                         lambda: store.release(ref, owner=owner, ttl_ms=config.ttl_ms + extra_ms))
+            self._released(ref, "retry")
             raise
         except Ignore:
             # The task chose to leave no outcome (e.g. self.replace()): free the key.
             self._write(ref, "discard", lambda: store.discard(ref, owner=owner))
+            self._released(ref, "ignore")
             raise
         except Reject:
             self._write(ref, "release", lambda: store.release(ref, owner=owner))
+            self._released(ref, "reject")
             raise
         except Exception as exc:
             error, cacheable = encode_error(exc), isinstance(exc, config.cache_errors)
@@ -322,6 +339,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
             # Worker shutting down mid-task (SystemExit, KeyboardInterrupt): give the claim
             # back so that the redelivered message runs at once instead of waiting out the lease.
             self._write(ref, "release", lambda: store.release(ref, owner=owner))
+            self._released(ref, "shutdown")
             raise
         payload = encode_result(result, serializer=config.result_serializer,
                                 max_bytes=config.max_result_bytes, key=ref.key, task_id=task_id)
@@ -338,6 +356,8 @@ class IdempotentTask(Task):  # type: ignore[misc]
                 return
             except OwnershipLost as exc:
                 logger.error("%s[%s]: did not %s: %s", self.name, self.request.id, what, exc)
+                signals.ownership_lost.send(sender=self, key=ref.key, scope=ref.scope,
+                                            task_id=self.request.id, action=what)
                 return
             except StoreUnavailable as exc:
                 if pause is None:
@@ -346,6 +366,10 @@ class IdempotentTask(Task):  # type: ignore[misc]
                                  self.request.id, ref.key, what, exc)
                     return
                 time.sleep(pause)
+
+    def _released(self, ref: RecordRef, reason: str) -> None:
+        signals.claim_released.send(sender=self, key=ref.key, scope=ref.scope,
+                                    task_id=self.request.id, reason=reason)
 
     def _republish_later(self, countdown: float, extra_headers: Mapping[str, Any]) -> Retry:
         """Re-send this very message later, without spending the user's retry budget.

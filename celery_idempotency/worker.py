@@ -15,6 +15,7 @@ from celery.exceptions import Terminated
 from celery.utils.serialization import get_pickled_exception
 from celery.worker.request import Request
 
+from . import signals
 from .exceptions import IdempotencyError
 from .leases import owner_prefix
 from .outcomes import encode_error
@@ -62,6 +63,9 @@ class IdempotentRequest(Request):  # type: ignore[misc]
                          "its lease expires", self.name, self.id, error, exc)
             return
         if changed:
+            signals.claim_released.send(sender=task, key=context.ref.key,
+                                        scope=context.ref.scope, task_id=self.id,
+                                        reason="requeued" if requeued else "abandoned")
             logger.warning("%s[%s] key=%r: %s; claim given up (%s)", self.name, self.id,
                            context.ref.key, error or type(error).__name__,
                            "pending for the redelivery" if requeued
