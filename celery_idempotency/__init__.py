@@ -22,6 +22,7 @@ from .exceptions import (
 from .keys import RecordRef
 from .records import KeyState, Record
 from .result import IdempotentResult, result_for_key
+from .signals import idempotency_key
 from .store import KeyStore, MemoryKeyStore, RedisKeyStore, open_store
 from .task import IdempotentTask
 
@@ -48,6 +49,7 @@ __all__ = [
     "ReplayedTaskError",
     "ResultNotStored",
     "StoreUnavailable",
+    "idempotency_key",
     "open_store",
     "result_for_key",
 ]

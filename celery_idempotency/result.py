@@ -38,14 +38,16 @@ def accept_for(serializer: str) -> list[str]:
 class IdempotentResult(AsyncResult):  # type: ignore[misc]
     """Handle for the task that owns an idempotency key.
 
-    ``duplicate`` tells whether this publish was deduplicated (nothing was sent). ``get()``
+    ``duplicate`` tells whether this publish was deduplicated (nothing was sent); a handle
+    looked up by key (`result_for_key`) published nothing and is not a duplicate. ``get()``
     polls the key store; the outcome is the key's, whichever message ran it.
     """
 
     def __init__(self, id: str, *, store: KeyStore, ref: RecordRef, accept: list[str],
                  duplicate: bool, app: Any = None, task_name: str | None = None,
                  eager: AsyncResult | None = None) -> None:
-        super().__init__(id, app=app, task_name=task_name)
+        super().__init__(id, app=app)
+        self._task_name = task_name  # AsyncResult ignores its own task_name argument
         self.store = store
         self.ref = ref
         self.accept = accept
@@ -71,8 +73,9 @@ class IdempotentResult(AsyncResult):  # type: ignore[misc]
                 result = decode_result(record, accept=self.accept)
             elif record.state is KeyState.FAILED:
                 result = rebuild_error(record)
+        name = (record.task_name if record is not None else None) or self._task_name
         return {"task_id": self.id, "status": status, "result": result, "traceback": None,
-                "children": [], "date_done": None}
+                "children": [], "date_done": None, "name": name}
 
     def _get_task_meta(self) -> dict[str, Any]:
         record = self.record()
@@ -134,5 +137,5 @@ def result_for_key(app: Any, key: str, *, scope: str) -> IdempotentResult | None
     if record is None:
         return None
     return IdempotentResult(record.task_id, store=store, ref=ref,
-                            accept=accept_for(config.result_serializer), duplicate=True,
+                            accept=accept_for(config.result_serializer), duplicate=False,
                             app=app, task_name=record.task_name or None)

@@ -8,6 +8,7 @@ result and is passed to callbacks) deduplicates at execution.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +33,7 @@ from .config import (
     task_options_of,
 )
 from .exceptions import (
+    ArgumentsNotCanonical,
     IdempotencyKeyRequired,
     OwnershipLost,
     ResultNotStored,
@@ -103,6 +105,13 @@ class IdempotentTask(Task):  # type: ignore[misc]
         config = self.idem_config().with_message_options(message_options)
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
+        misplaced = sorted(name for name in kwargs if name.startswith(PREFIX))
+        if misplaced and not all(name in inspect.signature(self.run).parameters
+                                 for name in misplaced):
+            raise ArgumentsNotCanonical(
+                f"{misplaced} were passed as task arguments (e.g. to .delay()); pass them to "
+                "apply_async(..., idempotency_key=...) or publish inside "
+                "`with idempotency_key(...):`", key=kwargs.get(KEY_HEADER))
         arguments = bind_arguments(self.run, args, kwargs)
         if fp is None:
             fp = fingerprint(arguments)
@@ -145,7 +154,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
         if record is None:
             return None
         return IdempotentResult(record.task_id, store=store, ref=ref,
-                                accept=accept_for(config.result_serializer), duplicate=True,
+                                accept=accept_for(config.result_serializer), duplicate=False,
                                 app=self.app, task_name=self.name)
 
     # -- publish -------------------------------------------------------------------------------

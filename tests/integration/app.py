@@ -7,6 +7,7 @@ side effects), QUEUE (the test's own queue).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -29,6 +30,8 @@ app.conf.update(
                               "polling_interval": 0.1},
     result_backend=os.environ.get("RESULT_BACKEND") or None,
 )
+# Extra settings for the worker, as JSON (e.g. a short idempotency store retry backoff).
+app.conf.update(json.loads(os.environ.get("EXTRA_CONF") or "{}"))
 
 _effects: redis.Redis | None = None
 
@@ -43,6 +46,11 @@ def effects() -> redis.Redis:
 def record_effect(name: str, key: Any) -> int:
     """The side effect that must happen once per key: a counter in a separate Redis db."""
     return int(effects().incr(f"effect:{name}:{key}"))
+
+
+def record_value(name: str, key: Any, value: Any) -> None:
+    """Remember what a task was called with (JSON, in call order), next to its effect counter."""
+    effects().rpush(f"values:{name}:{key}", json.dumps(value, sort_keys=True))
 
 
 class Flaky(Exception):
@@ -82,5 +90,16 @@ def fails_first_time(self: Any, order_id: int) -> dict[str, Any]:
 @app.task(bind=True)
 def after(self: Any, value: Any) -> Any:
     """A plain callback: counts how often it runs with which value."""
-    record_effect("after", value["order_id"] if isinstance(value, dict) else value)
+    key = value["order_id"] if isinstance(value, dict) else value
+    record_effect("after", key)
+    record_value("after", key, value)
     return {"callback_got": value}
+
+
+@app.task(base=IdempotentTask, bind=True, idempotency_lease=1.5)
+def slow(self: Any, job: str, sleep: float = 4.0) -> dict[str, Any]:
+    """Records its start, sleeps (outliving its short lease, kept alive by the heartbeat)."""
+    count = record_effect("slow", job)
+    effects().set(f"pid:slow:{job}", os.getpid())
+    time.sleep(sleep)
+    return {"job": job, "run": count, "fence": self.request.idempotency_fence}

@@ -3,6 +3,7 @@ injection), and the shared RabbitMQ. Missing services skip locally and fail unde
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -72,10 +73,8 @@ class RedisServer:
         if self.process is None:
             return
         if save:
-            try:
+            with contextlib.suppress(redis.ConnectionError):
                 self.client().shutdown(save=True)
-            except redis.ConnectionError:
-                pass
         else:
             self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=10)

@@ -54,7 +54,7 @@ def test_unknown_task_option_is_an_error_when_the_task_is_registered() -> None:
     app = Celery("cfg")
     app.conf.idempotency_store_url = "memory://"
 
-    @app.task(base=IdempotentTask, idempotency_tll=5)
+    @app.task(shared=False, base=IdempotentTask, idempotency_tll=5)  # not on other apps
     def misspelt() -> None: ...
 
     # Celery creates task classes lazily, when the app is finalized (worker start, first use).

@@ -63,7 +63,7 @@ def test_submission_statuses_new_done_and_in_flight() -> None:
     app.conf.update(task_always_eager=True, idempotency_store_url="memory://")
     started, finish = threading.Event(), threading.Event()
 
-    @app.task(base=IdempotentTask)
+    @app.task(shared=False, base=IdempotentTask)
     def job(n: int) -> int:
         if n == 2:
             started.set()

@@ -21,7 +21,7 @@ def app() -> Iterator[Celery]:
 def test_context_key_is_used_by_apply_async_and_delay(app: Celery) -> None:
     calls: list[int] = []
 
-    @app.task(base=IdempotentTask)
+    @app.task(shared=False, base=IdempotentTask)
     def job(n: int) -> int:
         calls.append(n)
         return n
@@ -69,7 +69,7 @@ def test_library_signals_are_sent_with_key_scope_and_task_id(app: Celery) -> Non
     for name, receiver in receivers.items():
         getattr(idem_signals, name).connect(receiver, weak=False)
     try:
-        @app.task(base=IdempotentTask, bind=True, max_retries=1)
+        @app.task(shared=False, base=IdempotentTask, bind=True, max_retries=1)
         def job(self: Any, n: int) -> int:
             if self.request.retries == 0:
                 raise self.retry(countdown=0)

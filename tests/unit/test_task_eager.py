@@ -43,7 +43,7 @@ def app() -> Iterator[Celery]:
 def make_counting_task(app: Celery, **options: Any) -> tuple[Any, list[Any]]:
     calls: list[Any] = []
 
-    @app.task(base=IdempotentTask, bind=True, name="tests.charge", **options)
+    @app.task(shared=False, base=IdempotentTask, bind=True, name="tests.charge", **options)
     def charge(self: Any, order_id: int, amount: int = 100) -> dict[str, Any]:
         calls.append((order_id, amount))
         return {"order_id": order_id, "amount": amount, "run": len(calls),
@@ -136,12 +136,12 @@ def test_unknown_apply_async_option_is_an_error(app: Celery) -> None:
 def test_scope_shares_keys_between_tasks(app: Celery) -> None:
     calls: list[str] = []
 
-    @app.task(base=IdempotentTask, name="a", idempotency_scope="receipts")
+    @app.task(shared=False, base=IdempotentTask, name="a", idempotency_scope="receipts")
     def task_a(order_id: int) -> str:
         calls.append("a")
         return "a"
 
-    @app.task(base=IdempotentTask, name="b", idempotency_scope="receipts")
+    @app.task(shared=False, base=IdempotentTask, name="b", idempotency_scope="receipts")
     def task_b(order_id: int) -> str:
         calls.append("b")
         return "b"
@@ -164,7 +164,7 @@ def test_result_for_key_recovers_the_handle_from_the_key_alone(app: Celery) -> N
 def test_cacheable_error_is_replayed_to_every_duplicate(app: Celery) -> None:
     calls: list[int] = []
 
-    @app.task(base=IdempotentTask, idempotency_cache_errors=(Declined,))
+    @app.task(shared=False, base=IdempotentTask, idempotency_cache_errors=(Declined,))
     def pay(order_id: int) -> None:
         calls.append(order_id)
         raise Declined(f"card declined for {order_id}")
@@ -183,7 +183,7 @@ def test_other_errors_are_seen_by_handles_and_rerun_by_the_next_publish(app: Cel
     app.conf.task_eager_propagates = False
     calls: list[int] = []
 
-    @app.task(base=IdempotentTask)
+    @app.task(shared=False, base=IdempotentTask)
     def flaky(order_id: int) -> str:
         calls.append(order_id)
         if len(calls) == 1:
@@ -203,7 +203,7 @@ def test_retry_keeps_the_key_and_does_not_spend_it(app: Celery) -> None:
     app.conf.task_eager_propagates = False  # else Celery itself raises Retry out of .delay()
     attempts: list[int] = []
 
-    @app.task(base=IdempotentTask, bind=True, max_retries=2)
+    @app.task(shared=False, base=IdempotentTask, bind=True, max_retries=2)
     def once_more(self: Any, order_id: int) -> dict[str, int]:
         attempts.append(self.request.retries)
         if len(attempts) == 1:
@@ -221,7 +221,7 @@ def test_unserializable_result_still_records_success(app: Celery,
     calls: list[int] = []
     sentinel = object()
 
-    @app.task(base=IdempotentTask)
+    @app.task(shared=False, base=IdempotentTask)
     def makes_object(order_id: int) -> object:
         calls.append(order_id)
         return sentinel
@@ -239,7 +239,7 @@ def test_unserializable_result_still_records_success(app: Celery,
 
 
 def test_result_over_the_size_cap_still_records_success(app: Celery) -> None:
-    @app.task(base=IdempotentTask, idempotency_max_result_bytes=100)
+    @app.task(shared=False, base=IdempotentTask, idempotency_max_result_bytes=100)
     def big(order_id: int) -> str:
         return "x" * 1000
 
@@ -249,7 +249,7 @@ def test_result_over_the_size_cap_still_records_success(app: Celery) -> None:
 
 
 def test_pickle_results_only_when_configured(app: Celery) -> None:
-    @app.task(base=IdempotentTask, idempotency_result_serializer="pickle")
+    @app.task(shared=False, base=IdempotentTask, idempotency_result_serializer="pickle")
     def makes_set(order_id: int) -> set[int]:
         return {order_id}
 
@@ -313,3 +313,17 @@ def test_threads_publishing_one_key_run_it_once(app: Celery) -> None:
     assert len({r.id for r in results}) == 1
     assert sum(not r.duplicate for r in results) == 1
     assert all(r.get(timeout=5)["run"] == 1 for r in results)
+
+
+def test_key_passed_as_a_task_argument_points_to_the_right_place(app: Celery) -> None:
+    charge, calls = make_counting_task(app)
+    with pytest.raises(ArgumentsNotCanonical, match=r"apply_async\(\.\.\., idempotency_key"):
+        charge.delay(5, idempotency_key="k")
+    assert calls == []
+
+
+def test_handle_looked_up_by_key_is_not_a_duplicate_and_knows_its_task(app: Celery) -> None:
+    charge, _ = make_counting_task(app)
+    charge.apply_async((3,), idempotency_key="req-3")
+    found = charge.result_for_key("req-3")
+    assert found is not None and found.duplicate is False and found.name == "tests.charge"
