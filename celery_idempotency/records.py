@@ -33,6 +33,9 @@ F_ERROR = "e"  # JSON: {"type", "message", "args"}
 F_RETRYABLE = "ry"  # "1": a failed key runs again on the next publish
 F_CREATED = "c"
 F_UPDATED = "u"
+ALL_FIELDS = (F_KEY, F_SCOPE, F_TASK_NAME, F_STATE, F_TASK_ID, F_FINGERPRINT, F_OWNER, F_LEASE,
+              F_FENCE, F_RESULT, F_CONTENT_TYPE, F_CONTENT_ENCODING, F_RESULT_STATUS, F_ERROR,
+              F_RETRYABLE, F_CREATED, F_UPDATED)
 
 JSON_CONTENT_TYPE = "application/json"
 JSON_ENCODING = "utf-8"

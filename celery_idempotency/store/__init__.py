@@ -7,13 +7,22 @@ import weakref
 from typing import Any
 
 from ..exceptions import ConfigurationError
-from .base import Claim, ClaimStatus, KeyStore, Reservation, ReserveStatus, ResultPayload
+from .base import (
+    Claim,
+    ClaimStatus,
+    Entry,
+    KeyStore,
+    Reservation,
+    ReserveStatus,
+    ResultPayload,
+)
 from .memory import MemoryKeyStore
 from .redis import RedisKeyStore
 
 __all__ = [
     "Claim",
     "ClaimStatus",
+    "Entry",
     "KeyStore",
     "MemoryKeyStore",
     "RedisKeyStore",

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from ..exceptions import IdempotencyKeyMismatch, OwnershipLost
+from ..exceptions import CorruptRecord, IdempotencyKeyMismatch, OwnershipLost
 from ..keys import RecordRef
-from ..records import Record
+from ..records import Record, decode_record
 
 
 class ReserveStatus(str, enum.Enum):
@@ -43,6 +43,20 @@ class Claim:
     fence: int = 0  # fencing counter of this claim, for CLAIMED and TAKEN_OVER
     record: Record | None = None  # the record as found, for BUSY, SUCCEEDED and FAILED
     previous_task_id: str | None = None  # for TAKEN_OVER
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A record as an operator sees it (the CLI): decoded, or why it cannot be, and its TTL.
+
+    Exactly one of ``record`` and ``error`` is set. ``ttl_ms`` is the time the record has left
+    to live, ``None`` if it never expires.
+    """
+
+    store_key: str
+    record: Record | None
+    error: CorruptRecord | None
+    ttl_ms: int | None
 
 
 @dataclass(frozen=True)
@@ -121,9 +135,31 @@ class KeyStore(abc.ABC):
     def now_ms(self) -> int:
         """The store's clock, in ms since the epoch."""
 
-    @abc.abstractmethod
     def scan(self) -> Iterator[Record]:
-        """Every record, streamed (SCAN, never KEYS)."""
+        """Every record, streamed (SCAN, never KEYS). Raises `CorruptRecord` at an undecodable
+        one; `entries` reports those and goes on."""
+        for entry in self.entries(with_result=True):
+            if entry.error is not None:
+                raise entry.error
+            if entry.record is not None:
+                yield entry.record
+
+    @abc.abstractmethod
+    def entries(self, *, batch: int = 1000, with_result: bool = True) -> Iterator[Entry]:
+        """Every record with its TTL, streamed ``batch`` at a time (SCAN, never KEYS: constant
+        memory, one round trip per batch). Undecodable records come as entries with ``error``.
+
+        Without ``with_result`` cached results are not fetched (``record.result`` is None), so
+        that listing a store does not move every payload over the network.
+        """
+
+    @abc.abstractmethod
+    def entry(self, ref: RecordRef) -> Entry | None:
+        """One record with its TTL (no write); ``None`` when there is none."""
+
+    @abc.abstractmethod
+    def memory_usage(self, store_keys: Sequence[str]) -> list[int | None]:
+        """Approximate bytes each record takes in the store (``None``: gone, or unknown)."""
 
     @abc.abstractmethod
     def ping(self) -> None:
@@ -153,3 +189,12 @@ def unchanged_conditions(record: Record) -> dict[str, str]:
     """Field values that identify this exact version of a record (for compare-and-delete)."""
     return {"st": record.state.value, "u": str(record.updated_ms), "f": str(record.fence),
             "t": record.task_id}
+
+
+def make_entry(store_key: str, fields: Mapping[str, bytes], ttl_ms: int | None) -> Entry | None:
+    """Decode raw fields into an `Entry` (``None`` for a record that is gone)."""
+    try:
+        record = decode_record(store_key, fields)
+    except CorruptRecord as exc:
+        return Entry(store_key, None, exc, ttl_ms)
+    return None if record is None else Entry(store_key, record, None, ttl_ms)

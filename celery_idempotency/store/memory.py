@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 from ..keys import RecordRef
-from ..records import Record, decode_record
+from ..records import F_RESULT, Record, decode_record
 from .base import (
     Claim,
     ClaimStatus,
+    Entry,
     KeyStore,
     Reservation,
     ReserveStatus,
     ResultPayload,
+    make_entry,
     mismatch_error,
     ownership_lost_error,
     unchanged_conditions,
@@ -239,15 +241,41 @@ class MemoryKeyStore(KeyStore):
         with self._lock:
             return self._decode(name, self._live(name, self.now_ms()))
 
-    def scan(self) -> Iterator[Record]:
+    def _ttl(self, name: str, now: int) -> int | None:
+        expires = self._expires.get(name)
+        return None if expires is None else max(expires - now, 0)
+
+    def entries(self, *, batch: int = 1000, with_result: bool = True) -> Iterator[Entry]:
         with self._lock:
             now = self.now_ms()
-            snapshot = [(name, dict(fields)) for name in list(self._records)
+            snapshot = [(name, dict(fields), self._ttl(name, now)) for name in list(self._records)
                         if (fields := self._live(name, now)) is not None]
-        for name, fields in snapshot:
-            record = self._decode(name, fields)
-            if record is not None:
-                yield record
+        for name, fields, ttl in snapshot:
+            if not with_result:
+                fields.pop(F_RESULT, None)
+            entry = make_entry(name, fields, ttl)
+            if entry is not None:
+                yield entry
+
+    def entry(self, ref: RecordRef) -> Entry | None:
+        name = self.name_of(ref)
+        with self._lock:
+            now = self.now_ms()
+            fields = self._live(name, now)
+            if fields is None:
+                return None
+            return make_entry(name, dict(fields), self._ttl(name, now))
+
+    def memory_usage(self, store_keys: Sequence[str]) -> list[int | None]:
+        """The bytes of the record's name, field names and values (no allocator overhead)."""
+        with self._lock:
+            now = self.now_ms()
+            sizes: list[int | None] = []
+            for name in store_keys:
+                fields = self._live(name, now)
+                sizes.append(None if fields is None else len(name.encode()) + sum(
+                    len(field) + len(value) for field, value in fields.items()))
+            return sizes
 
     def ping(self) -> None:
         return None

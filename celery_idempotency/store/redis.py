@@ -16,16 +16,18 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from ..exceptions import StoreUnavailable
+from ..exceptions import CorruptRecord, StoreUnavailable
 from ..keys import RecordRef
-from ..records import Record, decode_record, fields_from_flat
+from ..records import ALL_FIELDS, F_RESULT, Record, decode_record, fields_from_flat
 from .base import (
     Claim,
     ClaimStatus,
+    Entry,
     KeyStore,
     Reservation,
     ReserveStatus,
     ResultPayload,
+    make_entry,
     mismatch_error,
     ownership_lost_error,
     unchanged_conditions,
@@ -44,6 +46,15 @@ def _load_script(name: str) -> str:
 
 def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _ttl(pttl: Any) -> int | None:
+    """PTTL's reply as a TTL: -1 means no expiry (-2, gone, does not reach here)."""
+    return int(pttl) if isinstance(pttl, int) and pttl >= 0 else None
+
+
+# What a listing reads of a record: everything but the cached result.
+_LISTED_FIELDS = tuple(field for field in ALL_FIELDS if field != F_RESULT)
 
 
 def _fields(reply: Any) -> dict[str, bytes]:
@@ -162,19 +173,55 @@ class RedisKeyStore(KeyStore):
         seconds, micros = self._call(None, self.client.time)
         return int(seconds) * 1000 + int(micros) // 1000
 
-    def scan(self) -> Iterator[Record]:
+    def _scan_pattern(self) -> str:
         # The prefix is ours (validated: no braces), but escape glob characters all the same.
         escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix)
-        names = self.client.scan_iter(match=escaped + "{*}", count=1000)
+        return escaped + "{*}"
+
+    def entries(self, *, batch: int = 1000, with_result: bool = True) -> Iterator[Entry]:
+        cursor: int = 0
         while True:
-            try:
-                name = self._call(None, next, names)
-            except StopIteration:
+            cursor, names = self._call(None, self.client.scan, cursor, self._scan_pattern(),
+                                       batch)
+            if names:
+                yield from self._read_entries([_text(name) for name in names], with_result)
+            if int(cursor) == 0:
                 return
-            fields = self._call(None, self.client.hgetall, name)
-            record = decode_record(_text(name), _fields(fields))
-            if record is not None:  # expired between SCAN and HGETALL
-                yield record
+
+    def _read_entries(self, names: Sequence[str], with_result: bool) -> Iterator[Entry]:
+        """Fields and TTLs of a batch of records in one round trip (pipelined, not atomic)."""
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            if with_result:
+                pipe.hgetall(name)
+            else:
+                pipe.hmget(name, _LISTED_FIELDS)
+            pipe.pttl(name)
+        replies = self._call(None, pipe.execute, False)  # raise_on_error=False
+        for index, name in enumerate(names):
+            reply, ttl = replies[2 * index], replies[2 * index + 1]
+            if isinstance(reply, Exception):  # e.g. WRONGTYPE: not a hash
+                error = CorruptRecord(f"record {name!r} cannot be read: {reply}", key=name)
+                yield Entry(name, None, error, None)
+                continue
+            if with_result:
+                fields = _fields(reply)
+            else:
+                fields = {field: value for field, value in zip(_LISTED_FIELDS, reply, strict=True)
+                          if value is not None}
+            entry = make_entry(name, fields, _ttl(ttl))
+            if entry is not None:  # None: expired between SCAN and reading it
+                yield entry
+
+    def entry(self, ref: RecordRef) -> Entry | None:
+        return next(self._read_entries([self.name_of(ref)], True), None)
+
+    def memory_usage(self, store_keys: Sequence[str]) -> list[int | None]:
+        pipe = self.client.pipeline(transaction=False)
+        for name in store_keys:
+            pipe.memory_usage(name, samples=0)
+        replies = self._call(None, pipe.execute, False)  # an error (e.g. ACL) reads as unknown
+        return [reply if isinstance(reply, int) else None for reply in replies]
 
     def ping(self) -> None:
         self._call(None, self.client.ping)

@@ -3,6 +3,7 @@ undecodable records, run against `MemoryKeyStore` and `RedisKeyStore` alike."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -357,6 +358,55 @@ def test_scan_streams_every_record(store: KeyStore) -> None:
     for ref in refs:
         reserve(store, ref=ref)
     assert sorted(r.key for r in store.scan()) == sorted(ref.key for ref in refs)
+
+
+def test_entries_stream_every_record_with_its_ttl(store: KeyStore) -> None:
+    refs = [RecordRef("s", f"k{i}") for i in range(25)]
+    for ref in refs:
+        reserve(store, ref=ref)
+    entries = list(store.entries(batch=7))
+    assert sorted(e.record.key for e in entries if e.record) == sorted(r.key for r in refs)
+    for entry in entries:
+        assert entry.error is None and entry.record is not None
+        assert entry.store_key == entry.record.store_key
+        assert entry.ttl_ms is not None and DAY_MS - 60_000 < entry.ttl_ms <= DAY_MS
+
+
+def test_entries_without_result_leave_out_only_the_payload(store: KeyStore) -> None:
+    claim(store)
+    store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+    [full] = store.entries()
+    [light] = store.entries(with_result=False)
+    assert full.record is not None and full.record.result == RESULT.data
+    assert light.record == dataclasses.replace(full.record, result=None)
+
+
+def test_entries_report_an_undecodable_record_and_go_on(store: KeyStore) -> None:
+    reserve(store, ref=RecordRef("s", "good"))
+    write_raw(store, REF, {"k": b"order-42", "s": b"tasks.charge", "st": b"exploded",
+                           "t": b"t1", "fp": b"fp1"})
+    entries = list(store.entries())
+    [bad] = [e for e in entries if e.error is not None]
+    assert bad.record is None and "exploded" in str(bad.error)
+    assert [e.record.key for e in entries if e.record is not None] == ["good"]
+    with pytest.raises(CorruptRecord):
+        list(store.scan())
+
+
+def test_entry_reads_one_record_with_its_ttl(store: KeyStore) -> None:
+    assert store.entry(REF) is None
+    reserve(store, ttl_ms=60_000)
+    entry = store.entry(REF)
+    assert entry is not None and entry.record == store.get(REF)
+    assert entry.ttl_ms is not None and 50_000 < entry.ttl_ms <= 60_000
+
+
+def test_memory_usage_sizes_live_records_only(store: KeyStore) -> None:
+    reserve(store)
+    entry = store.entry(REF)
+    assert entry is not None
+    size, missing = store.memory_usage([entry.store_key, "t:{0123456789abcdef}"])
+    assert size is not None and size > 50 and missing is None
 
 
 def test_keys_with_glob_characters_are_plain_keys(store: KeyStore) -> None:
