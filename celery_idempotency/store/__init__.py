@@ -6,7 +6,6 @@ import threading
 import weakref
 from typing import Any
 
-from ..exceptions import ConfigurationError
 from .base import (
     Claim,
     ClaimStatus,
@@ -33,22 +32,12 @@ __all__ = [
     "store_for_app",
 ]
 
-REDIS_SCHEMES = ("redis", "rediss", "unix")
-
-
 def open_store(url: str, *, prefix: str = "idem:", timeout: float = 2.0) -> KeyStore:
-    """A new store for ``url``: ``redis://``, ``rediss://``, ``unix://`` or ``memory://``."""
-    scheme = url.split("://", 1)[0].lower()
-    if scheme == "memory":
+    """A new store for ``url``: ``memory://``, or Redis (``redis://``, ``rediss://``,
+    ``unix://``, ``redis+sentinel://``, ``redis+cluster://``: see `connect`)."""
+    if url.split("://", 1)[0].lower() == "memory":
         return MemoryKeyStore(prefix=prefix)
-    if scheme in REDIS_SCHEMES:
-        try:
-            return RedisKeyStore.from_url(url, prefix=prefix, timeout=timeout)
-        except ValueError as exc:
-            raise ConfigurationError(f"bad idempotency store URL {url!r}: {exc}") from exc
-    raise ConfigurationError(
-        f"unsupported idempotency store URL scheme {scheme!r} in {url!r}; use redis://, "
-        "rediss://, unix:// or memory://")
+    return RedisKeyStore.from_url(url, prefix=prefix, timeout=timeout)
 
 
 # One set of stores per Celery app (never one global client shared by every app). Weak keys:

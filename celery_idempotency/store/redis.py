@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
 from redis.commands.core import Script
-from redis.retry import Retry
+from redis.exceptions import ClusterError, TryAgainError
 
 from ..exceptions import CorruptRecord, StoreUnavailable
 from ..keys import RecordRef
@@ -32,9 +32,11 @@ from .base import (
     ownership_lost_error,
     unchanged_conditions,
 )
+from .connect import redis_client
 
 _SCRIPTS = ("reserve", "discard", "claim", "complete", "fail", "release", "renew", "abandon")
-_CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+# ClusterDownError and TryAgainError (slots moving, a primary lost) mean "not now" too.
+_CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, ClusterError, TryAgainError)
 
 T = TypeVar("T")
 
@@ -64,7 +66,7 @@ def _fields(reply: Any) -> dict[str, bytes]:
 class RedisKeyStore(KeyStore):
     """Records as Redis hashes; TTLs and lease clocks kept by Redis itself."""
 
-    def __init__(self, client: redis.Redis, *, prefix: str = "idem:") -> None:
+    def __init__(self, client: redis.Redis | RedisCluster, *, prefix: str = "idem:") -> None:
         self.client = client
         self.prefix = prefix
         self._scripts: dict[str, Script] = {
@@ -72,14 +74,8 @@ class RedisKeyStore(KeyStore):
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "idem:", timeout: float = 2.0) -> RedisKeyStore:
-        # Few, fast retries: a store that is down must surface as StoreUnavailable quickly so
-        # that publishing fails closed and workers back off, instead of blocking for seconds.
-        # Every script is safe to repeat (a repeated call by the same caller is recognised).
-        client = redis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
-            health_check_interval=30)
-        return cls(client, prefix=prefix)
+        """A store on a single server, a Sentinel-managed master or a Cluster (see connect)."""
+        return cls(redis_client(url, timeout=timeout), prefix=prefix)
 
     def name_of(self, ref: RecordRef) -> str:
         return ref.store_name(self.prefix)
@@ -178,19 +174,29 @@ class RedisKeyStore(KeyStore):
         escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix)
         return escaped + "{*}"
 
-    def entries(self, *, batch: int = 1000, with_result: bool = True) -> Iterator[Entry]:
-        cursor: int = 0
-        while True:
-            cursor, names = self._call(None, self.client.scan, cursor, self._scan_pattern(),
-                                       batch)
-            if names:
-                yield from self._read_entries([_text(name) for name in names], with_result)
-            if int(cursor) == 0:
-                return
+    def _servers(self) -> list[Any]:
+        """Clients to SCAN: the server, or each primary of a Cluster (a cursor is per node)."""
+        if isinstance(self.client, RedisCluster):
+            primaries = self._call(None, self.client.get_primaries)
+            return [self.client.get_redis_connection(node) for node in primaries]
+        return [self.client]
 
-    def _read_entries(self, names: Sequence[str], with_result: bool) -> Iterator[Entry]:
+    def entries(self, *, batch: int = 1000, with_result: bool = True) -> Iterator[Entry]:
+        for server in self._servers():
+            cursor: int = 0
+            while True:
+                cursor, names = self._call(None, server.scan, cursor, self._scan_pattern(),
+                                           batch)
+                if names:
+                    yield from self._read_entries([_text(name) for name in names], with_result,
+                                                  server)
+                if int(cursor) == 0:
+                    break
+
+    def _read_entries(self, names: Sequence[str], with_result: bool,
+                      server: Any = None) -> Iterator[Entry]:
         """Fields and TTLs of a batch of records in one round trip (pipelined, not atomic)."""
-        pipe = self.client.pipeline(transaction=False)
+        pipe = (server or self.client).pipeline(transaction=False)
         for name in names:
             if with_result:
                 pipe.hgetall(name)
