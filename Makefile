@@ -18,7 +18,7 @@ demo: $(STAMP)
 test: $(STAMP) lint typecheck compose-check pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check celery_idempotency tests examples benchmarks
+	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -39,6 +39,18 @@ pytest: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+# The chaos suite in its long configuration (CI runs the same tests in a short one, with the
+# defaults of tests/chaos/harness.py). Any CHAOS_* variable can be overridden:
+# `make chaos CHAOS_TASKS=20000 CHAOS_SEED=42`.
+CHAOS_TASKS ?= 5000
+CHAOS_KILLS ?= 50
+CHAOS_STORE_RESTARTS ?= 5
+CHAOS_RATE ?= 25
+chaos: $(STAMP)
+	CHAOS_TASKS=$(CHAOS_TASKS) CHAOS_KILLS=$(CHAOS_KILLS) \
+	CHAOS_STORE_RESTARTS=$(CHAOS_STORE_RESTARTS) CHAOS_RATE=$(CHAOS_RATE) \
+	$(BIN)/pytest tests/chaos -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
