@@ -56,42 +56,47 @@ def _password(netloc: str) -> str | None:
     return unquote(userinfo.partition(":")[2]) or None
 
 
+def _sentinel_master(url: str, timeout: float) -> redis.Redis:
+    parts = urlsplit(url)
+    path = [segment for segment in parts.path.split("/") if segment]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ConfigurationError(f"bad idempotency store URL {url!r}: expected "
+                                 "redis+sentinel://host:port[,host:port]/service_name[/db]")
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        _hosts(parts.netloc, url), sentinel_kwargs={"socket_timeout": timeout},
+        password=_password(parts.netloc), **_common_options(timeout))
+    master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        path[0], db=int(path[1]) if len(path) == 2 else 0)
+    return master
+
+
+def _cluster(url: str, timeout: float) -> RedisCluster:
+    parts = urlsplit(url)
+    if parts.path.strip("/"):
+        raise ConfigurationError(
+            f"bad idempotency store URL {url!r}: a cluster has no database number")
+    nodes = [ClusterNode(host, port)  # type: ignore[no-untyped-call]
+             for host, port in _hosts(parts.netloc, url)]
+    try:
+        # Unlike the other clients, RedisCluster connects at once (to learn the slots).
+        return RedisCluster(startup_nodes=nodes, password=_password(parts.netloc),
+                            **_common_options(timeout))
+    except (RedisClusterException, redis.RedisError) as exc:
+        raise StoreUnavailable(f"idempotency store unreachable: {exc}") from exc
+
+
 def redis_client(url: str, *, timeout: float) -> redis.Redis | RedisCluster:
     """A client for ``url``; `ConfigurationError` for a URL it cannot use."""
     scheme = url.split("://", 1)[0].lower()
+    if scheme == SENTINEL_SCHEME:
+        return _sentinel_master(url, timeout)
+    if scheme == CLUSTER_SCHEME:
+        return _cluster(url, timeout)
+    if scheme not in SINGLE_SCHEMES:
+        raise ConfigurationError(
+            f"unsupported idempotency store URL scheme {scheme!r} in {url!r}; use one of "
+            f"{', '.join(s + '://' for s in SCHEMES)} or memory://")
     try:
-        if scheme in SINGLE_SCHEMES:
-            return redis.Redis.from_url(url, health_check_interval=30,
-                                        **_common_options(timeout))
-        parts = urlsplit(url)
-        hosts = _hosts(parts.netloc, url)
-        password = _password(parts.netloc)
-        if scheme == SENTINEL_SCHEME:
-            path = [segment for segment in parts.path.split("/") if segment]
-            if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
-                raise ConfigurationError(
-                    f"bad idempotency store URL {url!r}: expected "
-                    "redis+sentinel://host:port[,host:port]/service_name[/db]")
-            sentinel = Sentinel(  # type: ignore[no-untyped-call]
-                hosts, sentinel_kwargs={"socket_timeout": timeout}, password=password,
-                **_common_options(timeout))
-            master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-                path[0], db=int(path[1]) if len(path) == 2 else 0)
-            return master
-        if scheme == CLUSTER_SCHEME:
-            if parts.path.strip("/"):
-                raise ConfigurationError(
-                    f"bad idempotency store URL {url!r}: a cluster has no database number")
-            nodes = [ClusterNode(host, port)  # type: ignore[no-untyped-call]
-                     for host, port in hosts]
-            try:
-                # Unlike the other clients, RedisCluster connects at once (to learn the slots).
-                return RedisCluster(startup_nodes=nodes, password=password,
-                                    **_common_options(timeout))
-            except (RedisClusterException, redis.RedisError) as exc:
-                raise StoreUnavailable(f"idempotency store unreachable: {exc}") from exc
-    except ValueError as exc:
+        return redis.Redis.from_url(url, health_check_interval=30, **_common_options(timeout))
+    except ValueError as exc:  # redis-py's own URL parsing
         raise ConfigurationError(f"bad idempotency store URL {url!r}: {exc}") from exc
-    raise ConfigurationError(
-        f"unsupported idempotency store URL scheme {scheme!r} in {url!r}; use one of "
-        f"{', '.join(s + '://' for s in SCHEMES)} or memory://")
