@@ -110,12 +110,20 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:_DIGEST_CHARS]
 
 
-def bind_arguments(func: Callable[..., Any], args: Sequence[Any],
+def signature_of(func: Callable[..., Any]) -> inspect.Signature | None:
+    """The signature to bind calls to; None for callables without one (some builtins)."""
+    try:
+        return inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+
+
+def bind_arguments(func: Callable[..., Any] | inspect.Signature | None, args: Sequence[Any],
                    kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Bind a call to ``func``'s parameters, defaults applied: f(1), f(x=1) bind the same."""
-    try:
-        signature = inspect.signature(func)
-    except (TypeError, ValueError):  # builtins without a signature: use the call as given
+    signature = func if isinstance(func, inspect.Signature) or func is None \
+        else signature_of(func)
+    if signature is None:  # no signature to bind to: use the call as given
         return {"args": list(args), "kwargs": dict(kwargs)}
     try:
         bound = signature.bind(*args, **kwargs)

@@ -8,7 +8,6 @@ result and is passed to callbacks) deduplicates at execution.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -39,7 +38,14 @@ from .exceptions import (
     ResultNotStored,
     StoreUnavailable,
 )
-from .keys import RecordRef, bind_arguments, derive_key, fingerprint, validate_key
+from .keys import (
+    RecordRef,
+    bind_arguments,
+    derive_key,
+    fingerprint,
+    signature_of,
+    validate_key,
+)
 from .leases import lease_keeper, new_owner_token
 from .outcomes import decode_result, encode_error, encode_result, rebuild_error
 from .result import IdempotentResult, accept_for
@@ -56,6 +62,7 @@ _WRITE_ATTEMPTS = (0.05, 0.2, 0.5, 1.0)
 _OUR_HEADERS = (KEY_HEADER, FINGERPRINT_HEADER, STORE_ATTEMPT_HEADER,
                 *(PREFIX + name for name in PER_MESSAGE))
 DEFAULT_LEASE = 60.0
+_UNSET: Any = object()
 TIME_LIMIT_MARGIN = 5.0
 
 
@@ -105,34 +112,40 @@ class IdempotentTask(Task):  # type: ignore[misc]
         config = self.idem_config().with_message_options(message_options)
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
-        misplaced = sorted(name for name in kwargs if name.startswith(PREFIX))
-        if misplaced and not all(name in inspect.signature(self.run).parameters
-                                 for name in misplaced):
-            raise ArgumentsNotCanonical(
-                f"{misplaced} were passed as task arguments (e.g. to .delay()); pass them to "
-                "apply_async(..., idempotency_key=...) or publish inside "
-                "`with idempotency_key(...):`", key=kwargs.get(KEY_HEADER))
-        arguments = bind_arguments(self.run, args, kwargs)
-        if fp is None:
-            fp = fingerprint(arguments)
         if key is not None:
             key = validate_key(key)
         elif config.require_key:
             raise IdempotencyKeyRequired(
                 f"task {self.name!r} requires an explicit idempotency key "
                 "(apply_async(..., idempotency_key=...) or the idempotency_key header)")
-        else:
-            key = derive_key(arguments, fields=config.key_fields, func=config.key_func,
-                             args=args, kwargs=kwargs)
+        if key is None or fp is None:
+            # Not needed for a message we published: it carries its key and fingerprint.
+            arguments = self._bind(args, kwargs)
+            if fp is None:
+                fp = fingerprint(arguments)
+            if key is None:
+                key = derive_key(arguments, fields=config.key_fields, func=config.key_func,
+                                 args=args, kwargs=kwargs)
         return KeyContext(RecordRef(config.scope or self.name, key), fp, config)
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        signature = self.__dict__.get("_idem_signature", _UNSET)
+        if signature is _UNSET:  # inspect.signature is slow: once per task
+            signature = self.__dict__["_idem_signature"] = signature_of(self.run)
+        misplaced = sorted(name for name in kwargs if name.startswith(PREFIX))
+        if misplaced and (signature is None or not all(
+                name in signature.parameters for name in misplaced)):
+            raise ArgumentsNotCanonical(
+                f"{misplaced} were passed as task arguments (e.g. to .delay()); pass them to "
+                "apply_async(..., idempotency_key=...) or publish inside "
+                "`with idempotency_key(...):`", key=kwargs.get(KEY_HEADER))
+        return bind_arguments(signature, args, kwargs)
 
     def key_context_of_message(self, args: Any, kwargs: Any,
                                headers: Mapping[str, Any]) -> KeyContext:
         """The key context of a received message (its headers, else derived from arguments)."""
-        message_options = {PREFIX + n: headers[PREFIX + n] for n in PER_MESSAGE
-                           if headers.get(PREFIX + n) is not None}
         return self.key_context(args, kwargs, key=headers.get(KEY_HEADER),
-                                message_options=message_options,
+                                message_options=_message_options(headers),
                                 fp=headers.get(FINGERPRINT_HEADER))
 
     def lease_ms(self, config: IdempotencyConfig) -> int:
