@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from .exceptions import IdempotencyError
 from .keys import RecordRef
+from .records import KeyState
 from .store.base import KeyStore
 
 logger = logging.getLogger("celery_idempotency")
@@ -110,15 +111,26 @@ class LeaseKeeper:
             with self._lock:
                 held.renewed_at = time.monotonic() - held.lease_ms / 3000 + 0.5
             return
-        with self._lock:
-            if renewed:
+        if renewed:
+            with self._lock:
                 held.renewed_at = time.monotonic()
-            else:
-                held.lost = True
-        if not renewed:
-            logger.error("lease of key %r (owner %s) was lost while its task ran: another "
-                         "worker took it over; this run's outcome will not be recorded",
-                         held.ref.key, held.owner)
+            return
+        if self._finished_by_its_owner(held):
+            return  # the task wrote its outcome between our pick and the renewal: not a loss
+        with self._lock:
+            held.lost = True
+        logger.error("lease of key %r (owner %s) was lost while its task ran: another "
+                     "worker took it over; this run's outcome will not be recorded",
+                     held.ref.key, held.owner)
+
+    @staticmethod
+    def _finished_by_its_owner(held: _Held) -> bool:
+        try:
+            record = held.store.get(held.ref)
+        except IdempotencyError:
+            return False
+        return record is not None and record.owner == held.owner \
+            and record.state is not KeyState.STARTED
 
 
 lease_keeper = LeaseKeeper()

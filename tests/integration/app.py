@@ -103,3 +103,77 @@ def slow(self: Any, job: str, sleep: float = 4.0) -> dict[str, Any]:
     effects().set(f"pid:slow:{job}", os.getpid())
     time.sleep(sleep)
     return {"job": job, "run": count, "fence": self.request.idempotency_fence}
+
+
+# -- crash safety (tests/integration/test_crash_safety.py) ------------------------------------
+
+def record_run(self: Any, name: str, job: str) -> int:
+    """Count a run of ``name`` for ``job`` and remember who ran it, when, and with which fence
+    (one JSON entry per run in ``values:<name>:<job>``)."""
+    count = record_effect(name, job)
+    record_value(name, job, {"run": count, "pid": os.getpid(), "task_id": self.request.id,
+                             "fence": self.request.idempotency_fence, "started": time.time()})
+    return count
+
+
+def record_done(name: str, job: str, run: int) -> None:
+    """The task body finished (before its outcome is written to the key store)."""
+    effects().rpush(f"done:{name}:{job}", json.dumps({"run": run, "at": time.time()}))
+
+
+def _tracked(self: Any, name: str, job: str, sleep: float) -> dict[str, Any]:
+    count = record_run(self, name, job)
+    time.sleep(sleep)
+    record_done(name, job, count)
+    return {"job": job, "run": count, "fence": self.request.idempotency_fence,
+            "pid": os.getpid()}
+
+
+@app.task(base=IdempotentTask, bind=True, idempotency_lease=30)
+def long_lease(self: Any, job: str, sleep: float = 2.0) -> dict[str, Any]:
+    """A lease far longer than the test waits: if the key frees up, something released it."""
+    return _tracked(self, "long_lease", job, sleep)
+
+
+@app.task(base=IdempotentTask, bind=True, idempotency_lease=30, reject_on_worker_lost=False)
+def long_lease_unrequeued(self: Any, job: str, sleep: float = 2.0) -> dict[str, Any]:
+    """As `long_lease`, but a lost worker's message is acknowledged (and so lost)."""
+    return _tracked(self, "long_lease_unrequeued", job, sleep)
+
+
+@app.task(base=IdempotentTask, bind=True, idempotency_lease=6)
+def six_second_lease(self: Any, job: str, sleep: float = 1.0) -> dict[str, Any]:
+    """A lease that a test can wait out (store outages at completion)."""
+    return _tracked(self, "six_second_lease", job, sleep)
+
+
+@app.task(base=IdempotentTask, bind=True, idempotency_lease=30)
+def interruptible(self: Any, job: str, sleep: float = 10.0, grace: float = 1.0) -> dict[str, Any]:
+    """Stops early, and still returns a result ``grace`` seconds later, when interrupted with
+    SoftTimeLimitExceeded (``revoke(terminate=True, signal='SIGUSR1')``)."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    count = record_run(self, "interruptible", job)
+    try:
+        time.sleep(sleep)
+    except SoftTimeLimitExceeded:
+        record_effect("interrupted", job)
+        time.sleep(grace)
+        record_done("interruptible", job, count)
+        return {"job": job, "run": count, "interrupted": True}
+    record_done("interruptible", job, count)
+    return {"job": job, "run": count, "interrupted": False}
+
+
+@app.task(base=IdempotentTask, bind=True, idempotency_lease=30, reject_on_worker_lost=False,
+          retry_on_worker_lost=True, max_retries=2, default_retry_delay=0)
+def retried_when_lost(self: Any, job: str, sleep: float = 2.0) -> dict[str, Any]:
+    """``retry_on_worker_lost``: Celery itself re-sends the task after its worker was lost
+    (from the worker's main process, at once; ``task_acks_late`` decides nothing here)."""
+    return _tracked(self, "retried_when_lost", job, sleep)
+
+
+@app.task(base=IdempotentTask, bind=True, idempotency_lease=30, time_limit=1)
+def hard_time_limit(self: Any, job: str, sleep: float = 3.0) -> dict[str, Any]:
+    """Outlives its hard time limit: the pool kills the child (TimeLimitExceeded)."""
+    return _tracked(self, "hard_time_limit", job, sleep)

@@ -196,3 +196,35 @@ def amqp_queue_exists(url: str, queue: str) -> bool:
             return False
         return True
 
+
+
+def start_worker(stack: Stack, log_dir: Path, *, pool: str = "prefork", concurrency: int = 2,
+                 name: str | None = None) -> Worker:
+    """A started worker for ``stack`` with any pool and concurrency (`Stack.worker` is the
+    default prefork ``-c 2``)."""
+    name = name or unique(f"w-{pool}")
+    return Worker(APP_MODULE, stack.worker_env(), pool=pool, concurrency=concurrency,
+                  name=name, queues=stack.queue, log=log_dir / f"{name}.log").start()
+
+
+_LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): (\w+)/([\w-]+)\] (.*)$")
+
+
+@dataclass(frozen=True)
+class LogLine:
+    at: float  # epoch seconds (the worker logs local time with ms)
+    level: str
+    process: str  # MainProcess, ForkPoolWorker-1, ...
+    message: str
+
+
+def log_lines(worker: Worker, needle: str = "") -> list[LogLine]:
+    """The worker's log records whose first line contains ``needle``, with their timestamps."""
+    found = []
+    for raw in worker.output().splitlines():
+        match = _LOG_LINE.match(raw)
+        if match and needle in match.group(4):
+            stamp = time.mktime(time.strptime(match.group(1)[:19], "%Y-%m-%d %H:%M:%S"))
+            found.append(LogLine(stamp + int(match.group(1)[20:]) / 1000, match.group(2),
+                                 match.group(3), match.group(4)))
+    return found
