@@ -143,7 +143,8 @@ def fingerprint(arguments: Mapping[str, Any]) -> str:
 
 
 def derive_key(arguments: Mapping[str, Any], *, fields: Sequence[str] | None,
-               func: KeyFunc | None, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+               func: KeyFunc | None, args: Sequence[Any], kwargs: Mapping[str, Any],
+               fp: str | None = None) -> str:
     """Derive a key when the caller gave none: from a callable, a field subset, or everything."""
     if func is not None:
         return validate_key(func(args, kwargs), what="key returned by idempotency_key_func")
@@ -155,4 +156,5 @@ def derive_key(arguments: Mapping[str, Any], *, fields: Sequence[str] | None,
                 f"(its parameters: {sorted(arguments)!r})")
         selected = {name: arguments[name] for name in fields}
         return "fields:" + digest(canonical_json(selected))
-    return "args:" + digest(canonical_json(dict(arguments)))
+    # All arguments: the key is the fingerprint (passed in when already computed).
+    return "args:" + (fp if fp is not None else fingerprint(arguments))

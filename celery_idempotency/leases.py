@@ -34,7 +34,9 @@ def owner_prefix(pid: int) -> str:
 
 
 def new_owner_token() -> str:
-    return owner_prefix(os.getpid()) + secrets.token_hex(6)
+    # Unique per process by the prefix; 32 random bits tell its claims apart. Short, because
+    # the owner stays in every record.
+    return owner_prefix(os.getpid()) + secrets.token_hex(4)
 
 
 @dataclass
@@ -66,16 +68,21 @@ class LeaseKeeper:
         self._held: dict[int, _Held] = {}
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
+        # When the sleeping thread wakes next (0: it is not asleep and will look again before
+        # sleeping). A new lease only wakes it when due sooner: a task must not cost a thread
+        # switch.
+        self._wake_at = 0.0
 
     def hold(self, store: KeyStore, ref: RecordRef, owner: str, lease_ms: int) -> int:
         with self._lock:
             token = next(self._ids)
-            self._held[token] = _Held(store, ref, owner, lease_ms)
+            held = self._held[token] = _Held(store, ref, owner, lease_ms)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="idempotency-leases",
                                                 daemon=True)
                 self._thread.start()
-            self._wakeup.notify()
+            elif held.due_at() < self._wake_at:
+                self._wakeup.notify()
             return token
 
     def release(self, token: int) -> bool:
@@ -96,7 +103,10 @@ class LeaseKeeper:
                        if not held.lost and held.due_at() <= now]
                 if not due:
                     waits = [held.due_at() - now for held in self._held.values() if not held.lost]
-                    self._wakeup.wait(min(waits, default=self.IDLE_WAIT))
+                    wait = min(waits, default=self.IDLE_WAIT)
+                    self._wake_at = now + wait
+                    self._wakeup.wait(wait)
+                    self._wake_at = 0.0
                     continue
             for token, held in due:  # Redis calls outside the lock
                 self._renew(token, held)

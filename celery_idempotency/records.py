@@ -18,7 +18,7 @@ from .exceptions import CorruptRecord
 # Field names of a record (Redis hash fields). Keep in sync with store/lua/*.lua.
 F_KEY = "k"  # the key as the client gave it (or as derived)
 F_SCOPE = "s"
-F_TASK_NAME = "n"
+F_TASK_NAME = "n"  # absent: the same as the scope
 F_STATE = "st"
 F_TASK_ID = "t"
 F_FINGERPRINT = "fp"
@@ -142,7 +142,8 @@ def decode_record(store_key: str, fields: Mapping[str, bytes]) -> Record | None:
         store_key=store_key,
         key=_text(fields, F_KEY, store_key),
         scope=_text(fields, F_SCOPE, store_key),
-        task_name=_text(fields, F_TASK_NAME, store_key, ""),
+        # Absent when it is the scope (the default scope is the task name).
+        task_name=_text(fields, F_TASK_NAME, store_key, _text(fields, F_SCOPE, store_key)),
         state=state,
         task_id=_text(fields, F_TASK_ID, store_key),
         fingerprint=_text(fields, F_FINGERPRINT, store_key),

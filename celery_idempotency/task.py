@@ -121,11 +121,12 @@ class IdempotentTask(Task):  # type: ignore[misc]
         if key is None or fp is None:
             # Not needed for a message we published: it carries its key and fingerprint.
             arguments = self._bind(args, kwargs)
-            if fp is None:
-                fp = fingerprint(arguments)
+            computed = fingerprint(arguments)
             if key is None:
                 key = derive_key(arguments, fields=config.key_fields, func=config.key_func,
-                                 args=args, kwargs=kwargs)
+                                 args=args, kwargs=kwargs, fp=computed)
+            if fp is None:
+                fp = computed
         return KeyContext(RecordRef(config.scope or self.name, key), fp, config)
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -91,9 +91,11 @@ class MemoryKeyStore(KeyStore):
                     return Reservation(ReserveStatus.DUPLICATE, record)
                 fence = fields.get("f", b"0")
                 self._delete(name)
-            self._records[name] = {
-                "k": _b(ref.key), "s": _b(ref.scope), "n": _b(task_name), "st": b"pending",
-                "t": _b(task_id), "fp": _b(fingerprint), "f": fence, "c": _b(now), "u": _b(now)}
+            fields = {"k": _b(ref.key), "s": _b(ref.scope), "st": b"pending", "t": _b(task_id),
+                      "fp": _b(fingerprint), "f": fence, "c": _b(now), "u": _b(now)}
+            if task_name != ref.scope:  # kept only when it is not the scope (the default)
+                fields["n"] = _b(task_name)
+            self._records[name] = fields
             self._expire(name, ttl_ms, now)
             return Reservation(ReserveStatus.RESERVED)
 
@@ -155,8 +157,10 @@ class MemoryKeyStore(KeyStore):
                 return Claim(status, fence=fence, previous_task_id=previous or None)
 
             if fields is None:
-                fields = {"k": _b(ref.key), "s": _b(ref.scope), "n": _b(task_name),
-                          "fp": _b(fingerprint), "c": _b(now)}
+                fields = {"k": _b(ref.key), "s": _b(ref.scope), "fp": _b(fingerprint),
+                          "c": _b(now)}
+                if task_name != ref.scope:
+                    fields["n"] = _b(task_name)
                 self._records[name] = fields
                 return take(ClaimStatus.CLAIMED, fields)
             record = self._decode(name, fields)

@@ -2,40 +2,42 @@
 -- KEYS[1] record
 -- ARGV[1] task_id  ARGV[2] owner  ARGV[3] fingerprint  ARGV[4] key  ARGV[5] scope
 -- ARGV[6] task_name  ARGV[7] lease_ms  ARGV[8] ttl_ms
--- returns {'claimed', fence} | {'taken_over', fence, previous_task_id}
+-- returns {'claimed', fence, previous_task_id} | {'taken_over', fence, previous_task_id}
 --       | {'busy'|'succeeded'|'failed'|'mismatch', <record fields>...}
 local rec = KEYS[1]
 local now = now_ms()
-local state = redis.call('HGET', rec, 'st')
+-- One read of every field the decision needs (a missing field reads as false).
+local f = redis.call('HMGET', rec, 'st', 'fp', 'o', 'l', 't', 'ry', 'f')
+local state, fp, owner, lease, task_id, retryable, fence = f[1], f[2], f[3], f[4], f[5], f[6], f[7]
 
 local function take(status)
-  local previous = redis.call('HGET', rec, 't') or ''
-  local fence = redis.call('HINCRBY', rec, 'f', 1)
-  redis.call('HDEL', rec, 'r', 'ct', 'ce', 'rs', 'e', 'ry')
-  redis.call('HSET', rec, 'st', 'started', 't', ARGV[1], 'o', ARGV[2],
-    'l', now + tonumber(ARGV[7]), 'u', now)
+  local new_fence = (fence and tonumber(fence) or 0) + 1
+  if state == 'failed' then redis.call('HDEL', rec, 'e', 'ry') end
+  if state then
+    redis.call('HSET', rec, 'st', 'started', 't', ARGV[1], 'o', ARGV[2],
+      'l', now + tonumber(ARGV[7]), 'u', now, 'f', new_fence)
+  else
+    -- Never reserved (sent by name with a key header) or expired: execution-time dedup.
+    redis.call('HSET', rec, 'k', ARGV[4], 's', ARGV[5], 'fp', ARGV[3], 'c', now,
+      'st', 'started', 't', ARGV[1], 'o', ARGV[2], 'l', now + tonumber(ARGV[7]), 'u', now,
+      'f', new_fence)
+    -- The task name is kept only when it is not the scope (the default): bytes per record.
+    if ARGV[6] ~= ARGV[5] then redis.call('HSET', rec, 'n', ARGV[6]) end
+  end
   redis.call('PEXPIRE', rec, ARGV[8])
-  return {status, fence, previous}
+  return {status, new_fence, task_id or ''}
 end
 
-if not state then
-  -- Never reserved (sent by name with a key header) or expired: execution-time dedup.
-  redis.call('HSET', rec, 'k', ARGV[4], 's', ARGV[5], 'n', ARGV[6], 'fp', ARGV[3], 'c', now)
-  return take('claimed')
-end
-if redis.call('HGET', rec, 'fp') ~= ARGV[3] then return reply('mismatch', rec) end
+if not state then return take('claimed') end
+if fp ~= ARGV[3] then return reply('mismatch', rec) end
 if state == 'pending' then return take('claimed') end
 if state == 'started' then
-  if redis.call('HGET', rec, 'o') == ARGV[2] then
-    -- Our own claim, answered but the reply lost and the call retried.
-    return {'claimed', tonumber(redis.call('HGET', rec, 'f'))}
-  end
-  if lease_alive(rec, now) then return reply('busy', rec) end
+  -- Our own claim, answered but the reply lost and the call retried.
+  if owner == ARGV[2] then return {'claimed', tonumber(fence), task_id} end
+  if lease and tonumber(lease) > now then return reply('busy', rec) end
   return take('taken_over')
 end
 if state == 'succeeded' then return reply('succeeded', rec) end
 -- failed: a retryable failure is run again by a new message, replayed to its own redelivery.
-if redis.call('HGET', rec, 'ry') == '1' and redis.call('HGET', rec, 't') ~= ARGV[1] then
-  return take('claimed')
-end
+if retryable == '1' and task_id ~= ARGV[1] then return take('claimed') end
 return reply('failed', rec)

@@ -4,10 +4,10 @@
 -- ARGV[4] content_encoding ('' = utf-8)  ARGV[5] result_status ('' = stored)  ARGV[6] ttl_ms
 -- returns {'ok'} | {'lost', <record fields>...}
 local rec = KEYS[1]
-if redis.call('HGET', rec, 'o') ~= ARGV[1] then return reply('lost', rec) end
-local state = redis.call('HGET', rec, 'st')
-if state == 'succeeded' then return {'ok'} end  -- our own write, retried
-if state ~= 'started' then return reply('lost', rec) end
+local f = redis.call('HMGET', rec, 'o', 'st')
+if f[1] ~= ARGV[1] then return reply('lost', rec) end
+if f[2] == 'succeeded' then return {'ok'} end  -- our own write, retried
+if f[2] ~= 'started' then return reply('lost', rec) end
 redis.call('HDEL', rec, 'l')
 redis.call('HSET', rec, 'st', 'succeeded', 'r', ARGV[2], 'u', now_ms())
 if ARGV[3] ~= '' then redis.call('HSET', rec, 'ct', ARGV[3]) end

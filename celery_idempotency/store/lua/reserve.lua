@@ -6,21 +6,24 @@
 local rec = KEYS[1]
 local now = now_ms()
 local fence = '0'
-local state = redis.call('HGET', rec, 'st')
+local f = redis.call('HMGET', rec, 'st', 'fp', 't', 'l', 'ry', 'f')
+local state = f[1]
 if state then
-  if redis.call('HGET', rec, 'fp') ~= ARGV[2] then return reply('mismatch', rec) end
+  if f[2] ~= ARGV[2] then return reply('mismatch', rec) end
   -- Our own reservation, answered but the reply lost and the call retried.
-  if state == 'pending' and redis.call('HGET', rec, 't') == ARGV[1] then return {'reserved'} end
-  if state == 'started' and not lease_alive(rec, now) then return reply('stale', rec) end
-  if not (state == 'failed' and redis.call('HGET', rec, 'ry') == '1') then
-    return reply('duplicate', rec)
+  if state == 'pending' and f[3] == ARGV[1] then return {'reserved'} end
+  if state == 'started' and not (f[4] and tonumber(f[4]) > now) then
+    return reply('stale', rec)
   end
+  if not (state == 'failed' and f[5] == '1') then return reply('duplicate', rec) end
   -- A retryable failure: the next publish runs the task again. Keep the fencing counter
   -- monotonic across the new reservation.
-  fence = redis.call('HGET', rec, 'f') or '0'
+  fence = f[6] or '0'
   redis.call('DEL', rec)
 end
-redis.call('HSET', rec, 'k', ARGV[3], 's', ARGV[4], 'n', ARGV[5], 'st', 'pending',
-  't', ARGV[1], 'fp', ARGV[2], 'f', fence, 'c', now, 'u', now)
+redis.call('HSET', rec, 'k', ARGV[3], 's', ARGV[4], 'st', 'pending', 't', ARGV[1],
+  'fp', ARGV[2], 'f', fence, 'c', now, 'u', now)
+-- The task name is kept only when it is not the scope (the default): bytes per record.
+if ARGV[5] ~= ARGV[4] then redis.call('HSET', rec, 'n', ARGV[5]) end
 redis.call('PEXPIRE', rec, ARGV[6])
 return {'reserved'}
