@@ -1,0 +1,141 @@
+"""The Celery app of the chaos suite: one idempotent task that records every execution.
+
+Configured from the environment, so that the test process, the second publisher process and
+every worker agree: CHAOS_BROKER_URL, CHAOS_STORE_URL, CHAOS_EFFECTS_URL (a Redis db that is
+never restarted, where executions are recorded) and CHAOS_QUEUE (the run's own queue).
+
+What a run records in the effects db, per key ``K``:
+
+- ``effect:K``  the side effect: INCR once per execution of the task body;
+- ``runs:K``    one JSON entry per execution, written in the same MULTI as the INCR: execution
+                id, pid, process group, wall-clock start, how long the body sleeps, task id,
+                fencing counter;
+- ``done:K``    one JSON entry (execution id, wall-clock time) per execution whose
+                ``IdempotentTask.__call__`` returned, i.e. after its completion write to the
+                key store was made (or refused, which then shows up as a second execution
+                that no kill explains);
+- ``running``   pid -> execution id while a body runs (the chaos controller kills busy pool
+                children and busy workers with it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+import uuid
+from typing import Any
+
+import redis
+from celery import Celery
+from kombu import pools
+
+from celery_idempotency import IdempotentTask
+
+
+def settings(broker_url: str, store_url: str, queue: str) -> dict[str, Any]:
+    """The Celery settings of a chaos run (workers and publishers alike)."""
+    conf: dict[str, Any] = dict(
+        broker_url=broker_url,
+        idempotency_store_url=store_url,
+        # A store restart lasts well under a second: look again soon, and never let a
+        # countdown come near the Redis broker's visibility timeout (an ETA message held
+        # longer than that is restored to the queue while it waits).
+        idempotency_store_retry_max_delay=2.0,
+        idempotency_store_timeout=1.0,
+        task_default_queue=queue,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        # The shared RabbitMQ sees other runs: no pidbox queues or exchanges of ours there.
+        worker_enable_remote_control=False,
+        result_backend=None,
+        broker_transport_options={},
+    )
+    if broker_url.startswith("redis"):
+        # The issue's settings: kombu 5.7 restores the unacked messages of a dead worker only
+        # on its periodic sweep, once they are older than the visibility timeout.
+        conf["broker_transport_options"] = {
+            "visibility_timeout": 5, "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1, "unacked_mutex_expire": 10}
+    return conf
+
+
+app = Celery("chaos")
+app.conf.update(settings(os.environ.get("CHAOS_BROKER_URL", "memory://"),
+                         os.environ.get("CHAOS_STORE_URL", "memory://"),
+                         os.environ.get("CHAOS_QUEUE", "celery")))
+# Extra settings as JSON, for experiments (the harness passes CHAOS_WORKER_CONF to the workers
+# as this).
+app.conf.update(json.loads(os.environ.get("CHAOS_EXTRA_CONF") or "{}"))
+
+LEASE = 3.0  # short, so that a key whose worker died with its main process is free soon
+
+_effects: redis.Redis | None = None
+# The execution the body of the current task recorded (the body runs under a copy of the
+# request, so it cannot hand this back through self.request).
+_current = threading.local()
+
+
+def effects() -> redis.Redis:
+    global _effects
+    if _effects is None:
+        _effects = redis.Redis.from_url(os.environ["CHAOS_EFFECTS_URL"])
+    return _effects
+
+
+def environment(broker_url: str, store_url: str, effects_url: str, queue: str) -> dict[str, str]:
+    """What a worker or publisher process needs to join a run."""
+    return {"CHAOS_BROKER_URL": broker_url, "CHAOS_STORE_URL": store_url,
+            "CHAOS_EFFECTS_URL": effects_url, "CHAOS_QUEUE": queue}
+
+
+def configure(broker_url: str, store_url: str, effects_url: str, queue: str) -> None:
+    """Point this process's app (the test's own publisher) at a run, forgetting the broker
+    connections, queue declarations and resolved idempotency settings of an earlier run."""
+    global _effects
+    os.environ.update(environment(broker_url, store_url, effects_url, queue))
+    _effects = None
+    app.conf.update(settings(broker_url, store_url, queue))
+    app._pool = None
+    app.__dict__.pop("amqp", None)
+    pools.reset()
+    work.__dict__.pop("_idem_config_cache", None)
+
+
+class ChaosTask(IdempotentTask):
+    """Marks an execution done once the library's ``__call__`` has returned: after the
+    completion write, the moment after which a kill must not cause a second execution."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        _current.execution = None
+        result = super().__call__(*args, **kwargs)
+        execution, _current.execution = _current.execution, None
+        if execution is not None:
+            key, exec_id = execution
+            pipe = effects().pipeline(transaction=True)
+            pipe.rpush(f"done:{key}", json.dumps({"exec": exec_id, "t": time.time()}))
+            pipe.hdel("running", os.getpid())
+            pipe.execute()
+        return result
+
+
+@app.task(base=ChaosTask, bind=True, idempotency_lease=LEASE)
+def work(self: Any, key: str, sleep_ms: int) -> dict[str, Any]:
+    """The side effect first (like charging a card), then a short piece of slow work."""
+    exec_id = uuid.uuid4().hex[:16]
+    pid = os.getpid()
+    sleep = sleep_ms / 1000 * random.uniform(0.5, 1.0)
+    run = {"exec": exec_id, "pid": pid, "pgid": os.getpgid(0), "t": time.time(),
+           "sleep": sleep, "task_id": self.request.id, "fence": self.request.idempotency_fence}
+    pipe = effects().pipeline(transaction=True)
+    pipe.incr(f"effect:{key}")
+    pipe.rpush(f"runs:{key}", json.dumps(run))
+    pipe.hset("running", pid, exec_id)
+    pipe.execute()
+    _current.execution = (key, exec_id)
+    time.sleep(sleep)
+    return {"key": key, "exec": exec_id, "task_id": self.request.id}

@@ -1,0 +1,625 @@
+"""The chaos run: publishers, real prefork workers killed and restarted at random moments, a
+key store restarted with its data, and the analysis of what ran how often.
+
+Sizes come from the environment (the CI configuration is the default; ``make chaos`` runs the
+long one):
+
+    CHAOS_TASKS           distinct keys (default 300)
+    CHAOS_KILLS           SIGKILLs: whole worker process groups and single pool children (6)
+    CHAOS_STORE_RESTARTS  restarts of the store's redis-server with its data (1)
+    CHAOS_STORE_DOWNTIME  seconds the store stays down at each restart (1.0)
+    CHAOS_RATE            keys published per second (15)
+    CHAOS_SEED            random seed (default: a new one, printed in the summary)
+    CHAOS_SUMMARY_FILE    append each run's summary line to this file too
+    CHAOS_WORKER_CONF     extra Celery settings for the workers only, as JSON (experiments:
+                          '{"idempotency_enabled": false}' shows what the suite reports
+                          when the workers deduplicate nothing)
+
+Each run also writes chaos-report.txt (the summary, every window case and every problem, each
+with its executions) next to the worker logs in the test's tmp_path.
+
+How a second execution of a key is judged (the analysis needs no tolerance): every execution
+records its pid, process group and start time together with the side effect (one MULTI), and
+an end marker once the library's ``__call__`` has returned (after the completion write). The
+test records every kill: which process (group) and when. A key may run again only after an
+execution that has no end marker and whose process was killed while it ran; that is the
+window between the side effect and the completion write, where no library can know whether
+the side effect happened. Any other second execution is a double execution, and so is a
+re-run that started before the previous execution's process was killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from celery_idempotency import KeyState, RecordRef
+from celery_idempotency.outcomes import decode_result
+from celery_idempotency.result import accept_for
+from tests.chaos import chaos_app
+from tests.chaos.procs import children_of, group_members, wait_gone
+from tests.chaos.publisher import Entry, Published, run_schedule
+from tests.support.services import RedisServer
+from tests.support.workers import ROOT, Worker
+
+APP_MODULE = "tests.chaos.chaos_app"
+MAIN_THREADS = 4  # publisher threads in the test process
+PROC_THREADS = 2  # publisher threads in the second publisher process
+DUP_THREAD = 0.4  # share of keys published again from another thread of the test process
+DUP_PROCESS = 0.4  # share of keys published again from the second process
+BY_NAME_SHARE = 0.5  # of the second process's duplicates, sent by name with the key header
+RACE_SHARE = 0.6  # of those, published within 20 ms of the first publish; the rest 0-3 s later
+PUBLISHER_BOOT = 3.0  # seconds for the second publisher process to import Celery
+AIMED_SHARE = 0.7  # kills that wait for a running task to hit; the others hit whatever is there
+AIM_FOR = 2.0  # seconds an aimed kill waits for a running task
+
+SUMMARIES: list[str] = []  # shown by tests/chaos/conftest.py in pytest's terminal summary
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name) or default)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    tasks: int = 300
+    kills: int = 6
+    store_restarts: int = 1
+    store_downtime: float = 1.0
+    rate: float = 15.0
+    seed: int = 0
+    workers: int = 2
+    concurrency: int = 2
+
+    @classmethod
+    def from_env(cls) -> Sizes:
+        return cls(tasks=_env_int("CHAOS_TASKS", 300), kills=_env_int("CHAOS_KILLS", 6),
+                   store_restarts=_env_int("CHAOS_STORE_RESTARTS", 1),
+                   store_downtime=float(os.environ.get("CHAOS_STORE_DOWNTIME") or 1.0),
+                   rate=float(os.environ.get("CHAOS_RATE") or 15.0),
+                   seed=_env_int("CHAOS_SEED", random.SystemRandom().randrange(10**9)))
+
+    @property
+    def publish_seconds(self) -> float:
+        return self.tasks / self.rate
+
+    @property
+    def drain_timeout(self) -> float:
+        """How long the run may take to finish every key once publishing and killing stop."""
+        return 90.0 + self.tasks / 50
+
+
+@dataclass(frozen=True)
+class Kill:
+    kind: str  # "group": a worker's whole process group; "child": one pool process
+    worker: str
+    pgid: int
+    pid: int  # the pool child, or the worker's main process for a group kill
+    pids: tuple[int, ...]  # every process that died
+    t_sent: float  # wall clock just before the signal
+    t_dead: float  # wall clock once every killed process was gone
+    running: tuple[str, ...]  # executions that were running in the killed processes
+
+    def ended(self, pid: int, pgid: int) -> bool:
+        return pgid == self.pgid if self.kind == "group" else pid == self.pid
+
+
+@dataclass
+class Execution:
+    key: str
+    exec_id: str
+    pid: int
+    pgid: int
+    t: float
+    task_id: str
+    fence: int | None
+    sleep: float  # the body's work after its side effect
+    done_at: float | None = None
+    killed_by: Kill | None = None
+
+    @property
+    def killed_while_working(self) -> bool:
+        """Killed during the body's own work (its sleep), certainly before the library's
+        completion write; otherwise killed between the body's return and the end marker."""
+        return self.killed_by is not None and self.killed_by.t_sent < self.t + self.sleep
+
+
+@dataclass(repr=False)
+class Report:
+    broker: str
+    sizes: Sizes
+    publishes: int = 0
+    deduplicated_at_publish: int = 0
+    sent_by_name: int = 0
+    publish_retries: int = 0
+    kills: list[Kill] = field(default_factory=list)
+    worker_restarts: int = 0
+    store_restarts: list[tuple[float, float]] = field(default_factory=list)
+    executions: int = 0
+    lost: list[str] = field(default_factory=list)
+    double_executed: list[str] = field(default_factory=list)
+    window_cases: list[str] = field(default_factory=list)
+    window_executions: int = 0
+    window_details: list[str] = field(default_factory=list)
+    window_after_work: int = 0  # re-runs after a kill between the body's return and end marker
+    rerun_delays: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    problems: list[str] = field(default_factory=list)
+    duration: float = 0.0
+
+    @property
+    def duplicates(self) -> int:
+        return self.publishes - self.sizes.tasks
+
+    def summary(self) -> str:
+        groups = sum(k.kind == "group" for k in self.kills)
+        hit = sum(bool(k.running) for k in self.kills)
+        downtime = sum(t1 - t0 for t0, t1 in self.store_restarts)
+        return (f"chaos[{self.broker}] tasks={self.sizes.tasks} publishes={self.publishes} "
+                f"duplicates={self.duplicates} ({self.duplicates / self.sizes.tasks:.0%} of "
+                f"tasks: {self.deduplicated_at_publish} deduplicated at publish, "
+                f"{self.sent_by_name} sent by name) "
+                f"kills={len(self.kills)} (group {groups}, child {len(self.kills) - groups}; "
+                f"{hit} hit a running task) worker_restarts={self.worker_restarts} "
+                f"store_restarts={len(self.store_restarts)} ({downtime:.2f} s down, "
+                f"{self.publish_retries} publishes refused and retried) "
+                f"executions={self.executions} lost={len(self.lost)} "
+                f"double_executed={len(self.double_executed)} "
+                f"window_cases={len(self.window_cases)} ({self.window_executions} re-runs, "
+                f"{self.window_after_work} of them after a kill past the body's work) "
+                f"problems={len(self.problems)} seed={self.sizes.seed} "
+                f"duration={self.duration:.1f}s")
+
+
+class Workers:
+    """The run's prefork workers: started, killed (group or one child) and restarted."""
+
+    def __init__(self, env: dict[str, str], queue: str, log_dir: Path, sizes: Sizes) -> None:
+        self.env = env
+        self.queue = queue
+        self.log_dir = log_dir
+        self.sizes = sizes
+        self.slots: list[Worker] = []
+        self.started = 0
+        self.retired: list[Worker] = []
+
+    def _new(self) -> Worker:
+        self.started += 1
+        name = f"chaos{self.started}-{uuid.uuid4().hex[:6]}"
+        return Worker(APP_MODULE, self.env, concurrency=self.sizes.concurrency, name=name,
+                      queues=self.queue, log=self.log_dir / f"{name}.log")
+
+    def start(self) -> None:
+        self.slots = [self._new() for _ in range(self.sizes.workers)]
+        threads = [threading.Thread(target=w.start) for w in self.slots]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for worker in self.slots:
+            assert worker.process is not None and worker.process.poll() is None, worker.output()
+
+    def main_pids(self) -> list[int]:
+        return [w.process.pid for w in self.slots if w.process is not None]
+
+    def kill_group(self, slot: int, running: dict[int, str]) -> Kill:
+        worker = self.slots[slot]
+        assert worker.process is not None
+        pgid = worker.process.pid
+        members = group_members(pgid)
+        t_sent = time.time()
+        worker.kill()  # SIGKILL to the group, then reap the main process
+        for pid in members:
+            wait_gone(pid)
+        t_dead = time.time()
+        worker.stop()  # closes its log
+        self.retired.append(worker)
+        replacement = self._new()
+        self.slots[slot] = replacement
+        replacement.start()
+        return Kill("group", worker.name, pgid, pgid, tuple(members), t_sent, t_dead,
+                    tuple(running[p] for p in members if p in running))
+
+    def kill_child(self, slot: int, child: int, running: dict[int, str]) -> Kill:
+        worker = self.slots[slot]
+        assert worker.process is not None
+        t_sent = time.time()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        wait_gone(child)
+        t_dead = time.time()
+        return Kill("child", worker.name, worker.process.pid, child, (child,), t_sent, t_dead,
+                    (running[child],) if child in running else ())
+
+    def stop(self) -> None:
+        for worker in self.slots:
+            worker.kill()
+            worker.stop()
+
+    def logs(self) -> list[Worker]:
+        return [*self.retired, *self.slots]
+
+
+class ChaosRun:
+    def __init__(self, *, broker: str, broker_url: str, store: RedisServer,
+                 effects_url: str, queue: str, log_dir: Path, sizes: Sizes) -> None:
+        self.broker = broker
+        self.store_server = store
+        self.sizes = sizes
+        self.rng = random.Random(sizes.seed)
+        self.run_id = uuid.uuid4().hex[:8]
+        self.log_dir = log_dir
+        self.urls = dict(broker_url=broker_url, store_url=store.url(0),
+                         effects_url=effects_url, queue=queue)
+        self.env = chaos_app.environment(**self.urls)
+        self.effects = redis.Redis.from_url(effects_url)
+        worker_env = {**self.env, "CHAOS_EXTRA_CONF": os.environ.get("CHAOS_WORKER_CONF", "")}
+        self.workers = Workers(worker_env, queue, log_dir, sizes)
+        self.report = Report(broker, sizes)
+        self.errors: list[BaseException] = []
+
+    # -- the plan ------------------------------------------------------------------------------
+
+    def _plan(self) -> tuple[list[list[Entry]], list[Entry], dict[str, int]]:
+        rng, sizes = self.rng, self.sizes
+
+        def offset() -> float:
+            return rng.uniform(0, 0.02) if rng.random() < RACE_SHARE else rng.uniform(0.02, 3.0)
+
+        per_thread: list[list[Entry]] = [[] for _ in range(MAIN_THREADS)]
+        other_process: list[Entry] = []
+        sleeps: dict[str, int] = {}
+        for i in range(sizes.tasks):
+            key = f"{self.run_id}-{i:05d}"
+            sleep_ms = sleeps[key] = rng.randint(0, 50)
+            t = 0.2 + i / sizes.rate
+            thread = i % MAIN_THREADS
+            per_thread[thread].append((t, key, sleep_ms, "apply"))
+            if rng.random() < DUP_THREAD:
+                other = (thread + 1 + rng.randrange(MAIN_THREADS - 1)) % MAIN_THREADS
+                per_thread[other].append((t + offset(), key, sleep_ms, "apply"))
+            if rng.random() < DUP_PROCESS:
+                how = "by_name" if rng.random() < BY_NAME_SHARE else "apply"
+                other_process.append((t + offset(), key, sleep_ms, how))
+        return per_thread, other_process, sleeps
+
+    def _kill_plan(self) -> list[tuple[float, str]]:
+        kinds = (["child", "group"] * math.ceil(self.sizes.kills / 2))[:self.sizes.kills]
+        self.rng.shuffle(kinds)
+        # A random moment in each of len(kinds) equal slices of the publishing time.
+        span = self.sizes.publish_seconds / max(1, len(kinds))
+        times = [0.5 + span * (i + self.rng.random()) for i in range(len(kinds))]
+        return list(zip(times, kinds, strict=True))
+
+    # -- chaos ---------------------------------------------------------------------------------
+
+    def _running(self) -> dict[int, str]:
+        return {int(pid): exec_id.decode()
+                for pid, exec_id in self.effects.hgetall("running").items()}
+
+    def _targets(self, kind: str, running: dict[int, str]
+                 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """(worker slot, pid) of every target of a kill of ``kind``, and of the busy ones: the
+        workers' main processes for a group kill, their pool children for a child kill."""
+        mains = list(enumerate(self.workers.main_pids()))
+        if kind == "group":
+            return mains, [(s, pid) for s, pid in mains if set(children_of(pid)) & set(running)]
+        children = [(s, child) for s, pid in mains for child in children_of(pid)]
+        return children, [(s, child) for s, child in children if child in running]
+
+    def _kill(self, kind: str) -> None:
+        # Aimed: poll until some process runs a task body (its side effect is made, its
+        # completion write is not), so that kills land in the window often enough to show
+        # what happens there. Unaimed: whatever the processes are doing at that moment.
+        aim_until = time.monotonic() + (AIM_FOR if self.rng.random() < AIMED_SHARE else 0)
+        while True:
+            running = self._running()
+            every, busy = self._targets(kind, running)
+            if busy or time.monotonic() >= aim_until:
+                break
+            time.sleep(0.001)
+        slot, pid = self.rng.choice(busy or every)
+        if kind == "group":
+            kill = self.workers.kill_group(slot, running)
+            self.report.worker_restarts += 1
+        else:
+            kill = self.workers.kill_child(slot, pid, running)
+        self.report.kills.append(kill)
+
+    def _chaos(self, start: float) -> None:
+        try:
+            for at, kind in self._kill_plan():
+                pause = start + at - time.time()
+                if pause > 0:
+                    time.sleep(pause)
+                self._kill(kind)
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def _store_chaos(self, start: float) -> None:
+        try:
+            count = self.sizes.store_restarts
+            for j in range(count):
+                pause = start + self.sizes.publish_seconds * (j + 1) / (count + 1) - time.time()
+                if pause > 0:
+                    time.sleep(pause)
+                # RedisServer.restart(keep_data=True), with the server away for a while in
+                # between: SHUTDOWN SAVE, a pause, then a new server loading the RDB.
+                t0 = time.time()
+                self.store_server.stop(save=True)
+                time.sleep(self.sizes.store_downtime)
+                self.store_server.start(keep_data=True)
+                self.report.store_restarts.append((t0, time.time()))
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self) -> Report:
+        began = time.monotonic()
+        chaos_app.configure(**self.urls)
+        self.workers.start()
+        per_thread, other_process, sleeps = self._plan()
+        self.report.publishes = sum(map(len, per_thread)) + len(other_process)
+
+        start = time.time() + PUBLISHER_BOOT
+        get_deadline = start + self.sizes.publish_seconds + self.sizes.drain_timeout
+        schedule = self.log_dir / "publisher-schedule.json"
+        out = self.log_dir / "publisher-results.json"
+        schedule.write_text(json.dumps({"start": start, "threads": PROC_THREADS,
+                                        "get_deadline": get_deadline,
+                                        "entries": other_process}))
+        log = (self.log_dir / "publisher.log").open("wb")
+        publisher = subprocess.Popen(
+            [sys.executable, "-m", "tests.chaos.publisher", str(schedule), str(out)],
+            env={**os.environ, **self.env, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            chaos = threading.Thread(target=self._chaos, args=(start,), name="chaos")
+            store_chaos = threading.Thread(target=self._store_chaos, args=(start,),
+                                           name="store-chaos")
+            chaos.start()
+            store_chaos.start()
+            published = run_schedule(per_thread, start=start)
+            chaos.join()
+            store_chaos.join()
+            if self.errors:
+                raise self.errors[0]
+            self._wait_for_outcomes(sleeps, deadline=time.monotonic() + self.sizes.drain_timeout)
+            self._settle()
+            try:
+                publisher.wait(timeout=max(10.0, get_deadline - time.time() + 10))
+            except subprocess.TimeoutExpired:
+                self.report.problems.append("the second publisher process did not finish")
+            rows = json.loads(out.read_text()) if out.exists() else []
+            if publisher.returncode not in (0, None) or len(rows) != len(other_process):
+                self.report.problems.append(
+                    f"second publisher: exit {publisher.returncode}, {len(rows)} of "
+                    f"{len(other_process)} handles reported; see {log.name}")
+            self._analyse(sleeps, published, rows)
+        finally:
+            if publisher.poll() is None:
+                os.killpg(publisher.pid, signal.SIGKILL)
+                publisher.wait()
+            log.close()
+            self.workers.stop()
+            self.effects.close()
+        self.report.duration = time.monotonic() - began
+        self._write_report()
+        return self.report
+
+    def _write_report(self) -> None:
+        report = self.report
+        kills = [f"{k.kind:5} {k.worker} pid {k.pid} at {k.t_sent:.3f} (dead after "
+                 f"{(k.t_dead - k.t_sent) * 1000:.0f} ms), running: {list(k.running)}"
+                 for k in report.kills]
+        delays = [f"{kind} kills: {len(values)} re-runs, {min(values):.2f} s min, "
+                  f"{statistics.median(values):.2f} s median, {max(values):.2f} s max"
+                  for kind, values in sorted(report.rerun_delays.items())]
+        sections = [report.summary(), "re-run after the kill, window cases:", *delays,
+                    "kills:", *kills, "store restarts:",
+                    *(f"down {t0:.3f} - {t1:.3f}" for t0, t1 in report.store_restarts),
+                    f"window cases ({len(report.window_details)}):", *report.window_details,
+                    f"problems ({len(report.problems)}):", *report.problems]
+        (self.log_dir / "chaos-report.txt").write_text("\n".join(sections) + "\n")
+
+    def _refs(self, keys: Any) -> Iterator[tuple[str, RecordRef]]:
+        for key in keys:
+            yield key, RecordRef(chaos_app.work.name, key)
+
+    def _wait_for_outcomes(self, sleeps: dict[str, int], *, deadline: float) -> None:
+        store = chaos_app.work.idem_store()
+        waiting = set(sleeps)
+        while waiting and time.monotonic() < deadline:
+            for key, ref in list(self._refs(waiting)):
+                record = store.get(ref)
+                if record is not None and record.state is KeyState.SUCCEEDED:
+                    waiting.discard(key)
+            if waiting:
+                time.sleep(0.5)
+
+    def _settle(self) -> None:
+        """Let stray messages (waiting duplicates, restored copies) reach a worker, so that an
+        execution they would wrongly cause shows up in the effects db before it is read."""
+        if self.broker != "redis":
+            time.sleep(3.0)
+            return
+        broker = redis.Redis.from_url(self.urls["broker_url"])
+        deadline = time.monotonic() + 15.0
+        try:
+            while time.monotonic() < deadline:
+                queued = sum(int(broker.llen(name)) for name in broker.scan_iter(
+                    match=f"{self.urls['queue']}*") if broker.type(name) == b"list")
+                if queued == 0 and broker.hlen("unacked") == 0:
+                    break
+                time.sleep(0.25)
+            time.sleep(1.0)
+        finally:
+            broker.close()
+
+    # -- analysis ------------------------------------------------------------------------------
+
+    def _executions(self, keys: list[str]) -> tuple[dict[str, list[Execution]], dict[str, int]]:
+        runs: dict[str, list[Execution]] = {}
+        effect: dict[str, int] = {}
+        for i in range(0, len(keys), 500):
+            batch = keys[i:i + 500]
+            pipe = self.effects.pipeline(transaction=False)
+            for key in batch:
+                pipe.get(f"effect:{key}")
+                pipe.lrange(f"runs:{key}", 0, -1)
+                pipe.lrange(f"done:{key}", 0, -1)
+            replies = pipe.execute()
+            for j, key in enumerate(batch):
+                count, raw_runs, raw_done = replies[3 * j:3 * j + 3]
+                effect[key] = int(count or 0)
+                done = {d["exec"]: d["t"] for d in map(json.loads, raw_done)}
+                runs[key] = sorted(
+                    (Execution(key, r["exec"], r["pid"], r["pgid"], r["t"], r["task_id"],
+                               r["fence"], r["sleep"], done.get(r["exec"]))
+                     for r in map(json.loads, raw_runs)), key=lambda e: e.t)
+        return runs, effect
+
+    def _analyse(self, sleeps: dict[str, int], published: list[Published],
+                 other_rows: list[dict[str, Any]]) -> None:
+        report = self.report
+        keys = sorted(sleeps)
+        runs, effect = self._executions(keys)
+        report.executions = sum(map(len, runs.values()))
+        report.publish_retries = (sum(p.attempts - 1 for p in published)
+                                  + sum(row["attempts"] - 1 for row in other_rows))
+        report.deduplicated_at_publish = (sum(bool(p.handle and p.handle.duplicate)
+                                              for p in published)
+                                          + sum(bool(row["duplicate"]) for row in other_rows))
+        report.sent_by_name = sum(bool(row["by_name"]) for row in other_rows)
+
+        by_process: dict[tuple[int, int], list[Execution]] = defaultdict(list)
+        for execution in (e for es in runs.values() for e in es):
+            by_process[(execution.pid, execution.pgid)].append(execution)
+        kills = sorted(report.kills, key=lambda k: k.t_sent)
+        for executions in by_process.values():
+            executions.sort(key=lambda e: e.t)
+            for index, execution in enumerate(executions):
+                # The first kill of this process after the execution began: was it still
+                # running then (no later execution in the same process before the kill)?
+                for kill in kills:
+                    if kill.t_dead < execution.t or not kill.ended(execution.pid,
+                                                                   execution.pgid):
+                        continue
+                    following = executions[index + 1:index + 2]
+                    if not following or following[0].t > kill.t_dead:
+                        execution.killed_by = kill
+                    break
+
+        store = chaos_app.work.idem_store()
+        accept = accept_for("json")
+        stored: dict[str, Any] = {}
+        for key, ref in self._refs(keys):
+            executions = runs[key]
+            if effect[key] != len(executions):
+                report.problems.append(self._describe(
+                    key, f"effect counter {effect[key]} != {len(executions)} executions",
+                    executions))
+            # Each execution but the last must have been cut short by a kill of its process
+            # (no end marker), and the next one must have begun after that kill.
+            double = False
+            for previous, following in itertools.pairwise(executions):
+                kill = previous.killed_by
+                if previous.done_at is not None or kill is None or following.t < kill.t_sent:
+                    double = True
+            if double:
+                report.double_executed.append(key)
+                report.problems.append(self._describe(key, "executed again outside the "
+                                                      "window", executions))
+            elif len(executions) > 1:
+                report.window_cases.append(key)
+                report.window_executions += len(executions) - 1
+                report.window_details.append(self._describe(key, "window case", executions))
+                for previous, following in itertools.pairwise(executions):
+                    assert previous.killed_by is not None
+                    report.window_after_work += not previous.killed_while_working
+                    report.rerun_delays[previous.killed_by.kind].append(
+                        following.t - previous.killed_by.t_sent)
+
+            record = store.get(ref)
+            if record is None or record.state is not KeyState.SUCCEEDED or not executions:
+                report.lost.append(key)
+                what = f"{record.state.value if record else 'no record'} with " \
+                       f"{len(executions)} executions"
+                if record is not None:
+                    what += self._whereabouts(record.task_id, record.updated_ms / 1000)
+                report.problems.append(self._describe(key, what, executions))
+                continue
+            stored[key] = result = decode_result(record, accept=accept)
+            if result.get("exec") != executions[-1].exec_id:
+                report.problems.append(self._describe(
+                    key, f"stored result {result!r} is not from the last execution",
+                    executions))
+
+        # Every handle, from both processes, gets the key's one result.
+        for item in published:
+            if item.key not in stored or item.handle is None:
+                continue
+            try:
+                got = item.handle.get(timeout=10)
+            except Exception as exc:
+                got = f"{type(exc).__name__}: {exc}"
+            if got != stored[item.key]:
+                if item.key not in report.lost:
+                    report.lost.append(item.key)
+                report.problems.append(f"{item.key}: handle {item.task_id} got {got!r}, "
+                                       f"the store has {stored[item.key]!r}")
+        for row in other_rows:
+            if row["key"] in stored and row.get("result") != stored[row["key"]]:
+                if row["key"] not in report.lost:
+                    report.lost.append(row["key"])
+                report.problems.append(f"{row['key']}: second process's handle {row['id']} "
+                                       f"got {row.get('result', row.get('error'))!r}, the "
+                                       f"store has {stored[row['key']]!r}")
+
+    def _whereabouts(self, task_id: str, since: float) -> str:
+        """Where the message of a key that never finished went: the worker log lines that name
+        its task id, and the kills closest to the record's last change."""
+        seen = self.worker_log_lines(task_id, limit=5)
+        near = sorted(self.report.kills, key=lambda k: abs(k.t_sent - since))[:2]
+        lines = [f", task {task_id}, record last changed at {since:.3f}; worker log lines "
+                 f"naming the task: {len(seen)}", *(f"    {line[:200]}" for line in seen),
+                 *(f"    nearest kill: {k.kind} {k.worker} {k.t_sent - since:+.3f} s "
+                   f"(processes dead {k.t_dead - since:+.3f} s)" for k in near)]
+        return "\n".join(lines)
+
+    def _describe(self, key: str, what: str, executions: list[Execution]) -> str:
+        lines = [f"{key}: {what}"]
+        for e in executions:
+            kill = e.killed_by
+            lines.append(
+                f"    exec {e.exec_id} task {e.task_id} pid {e.pid} pgid {e.pgid} "
+                f"fence {e.fence} t={e.t:.3f} work={e.sleep * 1000:.0f}ms done="
+                f"{'-' if e.done_at is None else f'{e.done_at:.3f}'} killed_by="
+                f"{'-' if kill is None else f'{kill.kind} {kill.worker} at {kill.t_sent:.3f}'}")
+        return "\n".join(lines)
+
+    def worker_log_lines(self, needle: str, limit: int = 40) -> list[str]:
+        found = []
+        for worker in self.workers.logs():
+            for line in worker.output().splitlines():
+                if needle in line:
+                    found.append(f"[{worker.name}] {line}")
+        return found[:limit]
