@@ -49,6 +49,8 @@ class IdempotencyConfig:
     busy_retry_delay: float = 1.0
     store_retry_max_delay: float = 60.0
     store_timeout: float = 2.0
+    store_write_timeout: float = 300.0
+    pending_timeout: float = 600.0
 
     @property
     def ttl_ms(self) -> int:
@@ -97,7 +99,8 @@ def _validate(name: str, value: Any) -> Any:
                 f"{PREFIX}store_url must be a URL such as redis://127.0.0.1:6379/1 or "
                 f"memory://, got {value!r}")
         return value
-    if name in ("ttl", "lease", "busy_retry_delay", "store_retry_max_delay", "store_timeout"):
+    if name in ("ttl", "lease", "busy_retry_delay", "store_retry_max_delay", "store_timeout",
+                "store_write_timeout", "pending_timeout"):
         return _positive_number(name, value)
     if name in ("key_prefix", "scope", "result_serializer"):
         if not isinstance(value, str) or not value or "{" in value or "}" in value:

@@ -31,11 +31,12 @@ F_CONTENT_ENCODING = "ce"  # absent: utf-8
 F_RESULT_STATUS = "rs"  # absent: stored
 F_ERROR = "e"  # JSON: {"type", "message", "args"}
 F_RETRYABLE = "ry"  # "1": a failed key runs again on the next publish
+F_PENDING_DEADLINE = "pd"  # pending only: unclaimed by then, the message is taken as lost
 F_CREATED = "c"
 F_UPDATED = "u"
 ALL_FIELDS = (F_KEY, F_SCOPE, F_TASK_NAME, F_STATE, F_TASK_ID, F_FINGERPRINT, F_OWNER, F_LEASE,
               F_FENCE, F_RESULT, F_CONTENT_TYPE, F_CONTENT_ENCODING, F_RESULT_STATUS, F_ERROR,
-              F_RETRYABLE, F_CREATED, F_UPDATED)
+              F_RETRYABLE, F_CREATED, F_UPDATED, F_PENDING_DEADLINE)
 
 JSON_CONTENT_TYPE = "application/json"
 JSON_ENCODING = "utf-8"
@@ -80,6 +81,7 @@ class Record:
     retryable: bool
     created_ms: int
     updated_ms: int
+    pending_deadline_ms: int | None = None
 
     def lease_expired(self, now_ms: int) -> bool:
         return self.state is KeyState.STARTED and (self.lease_expires_ms or 0) <= now_ms
@@ -158,6 +160,8 @@ def decode_record(store_key: str, fields: Mapping[str, bytes]) -> Record | None:
         retryable=fields.get(F_RETRYABLE) == b"1",
         created_ms=_int(fields, F_CREATED, store_key, 0),
         updated_ms=_int(fields, F_UPDATED, store_key, 0),
+        pending_deadline_ms=(_int(fields, F_PENDING_DEADLINE, store_key)
+                             if F_PENDING_DEADLINE in fields else None),
     )
 
 

@@ -58,7 +58,10 @@ STORE_ATTEMPT_HEADER = "idempotency_store_attempt"
 # Options of a message that is part of a canvas: such a message is always published, and its
 # duplicate short-circuits at execution, so that callbacks, chords and group results still fire.
 _CANVAS_OPTIONS = ("link", "link_error", "chain", "chord", "group_id")
-_WRITE_ATTEMPTS = (0.05, 0.2, 0.5, 1.0)
+# Pauses between outcome-write attempts while the store is unreachable: short, so that the
+# write lands soon after the store is back, before a duplicate could take the expired lease
+# over (the lease keeper renews it as soon as the store answers).
+_WRITE_PAUSE_FIRST, _WRITE_PAUSE_MAX = 0.05, 1.0
 _OUR_HEADERS = (KEY_HEADER, FINGERPRINT_HEADER, STORE_ATTEMPT_HEADER,
                 *(PREFIX + name for name in PER_MESSAGE))
 DEFAULT_LEASE = 60.0
@@ -206,9 +209,11 @@ class IdempotentTask(Task):  # type: ignore[misc]
 
         store = self.idem_store(config)
         try:
-            reservation = store.reserve(context.ref, task_id=task_id,
-                                        fingerprint=context.fingerprint, task_name=self.name,
-                                        ttl_ms=context.config.ttl_ms)
+            reservation = store.reserve(
+                context.ref, task_id=task_id, fingerprint=context.fingerprint,
+                task_name=self.name, ttl_ms=context.config.ttl_ms,
+                pending_ms=int(context.config.pending_timeout * 1000)
+                + _retry_delay_ms(options.get("countdown") or options.get("eta")))
         except StoreUnavailable:
             if not config.fail_open:
                 raise
@@ -217,6 +222,11 @@ class IdempotentTask(Task):  # type: ignore[misc]
                            self.name, task_id, context.ref.key)
             return publish(options, task_id)
 
+        if reservation.replaced_task_id:
+            logger.warning("%s key=%r: task %s was reserved but never reached a worker within "
+                           "idempotency_pending_timeout; its message is taken as lost and %s "
+                           "is published instead", self.name, context.ref.key,
+                           reservation.replaced_task_id, task_id)
         in_canvas = bool(link or link_error) or any(options.get(o) for o in _CANVAS_OPTIONS)
         accept = accept_for(config.result_serializer)
         if reservation.status is ReserveStatus.DUPLICATE and not in_canvas:
@@ -341,39 +351,52 @@ class IdempotentTask(Task):  # type: ignore[misc]
         except Retry as exc:
             extra_ms = _retry_delay_ms(exc.when)
             self._write(ref, "release for retry",
-                        lambda: store.release(ref, owner=owner, ttl_ms=config.ttl_ms + extra_ms))
+                        lambda: store.release(ref, owner=owner, ttl_ms=config.ttl_ms + extra_ms),
+                        config.store_write_timeout)
             self._released(ref, "retry")
             raise
         except Ignore:
             # The task chose to leave no outcome (e.g. self.replace()): free the key.
-            self._write(ref, "discard", lambda: store.discard(ref, owner=owner))
+            self._write(ref, "discard", lambda: store.discard(ref, owner=owner),
+                        config.store_write_timeout)
             self._released(ref, "ignore")
             raise
         except Reject:
-            self._write(ref, "release", lambda: store.release(ref, owner=owner))
+            self._write(ref, "release", lambda: store.release(ref, owner=owner),
+                        config.store_write_timeout)
             self._released(ref, "reject")
             raise
         except Exception as exc:
             error, cacheable = encode_error(exc), isinstance(exc, config.cache_errors)
             self._write(ref, "record failure", lambda: store.fail(
-                ref, owner=owner, error=error, retryable=not cacheable, ttl_ms=config.ttl_ms))
+                ref, owner=owner, error=error, retryable=not cacheable, ttl_ms=config.ttl_ms),
+                config.store_write_timeout)
             raise
         except BaseException:
             # Worker shutting down mid-task (SystemExit, KeyboardInterrupt): give the claim
             # back so that the redelivered message runs at once instead of waiting out the lease.
-            self._write(ref, "release", lambda: store.release(ref, owner=owner))
+            # Shutting down: do not hold the worker up; the lease frees the key regardless.
+            self._write(ref, "release", lambda: store.release(ref, owner=owner), 1.0)
             self._released(ref, "shutdown")
             raise
         payload = encode_result(result, serializer=config.result_serializer,
                                 max_bytes=config.max_result_bytes, key=ref.key, task_id=task_id)
         self._write(ref, "record success",
-                    lambda: store.complete(ref, owner=owner, result=payload, ttl_ms=config.ttl_ms))
+                    lambda: store.complete(ref, owner=owner, result=payload, ttl_ms=config.ttl_ms),
+                    config.store_write_timeout)
         return result
 
-    def _write(self, ref: RecordRef, what: str, action: Callable[[], Any]) -> None:
-        """An owner-checked outcome write: retried briefly if the store is unreachable, never
-        forced over a new owner. The task's own outcome still goes to Celery either way."""
-        for pause in (*_WRITE_ATTEMPTS, None):
+    def _write(self, ref: RecordRef, what: str, action: Callable[[], Any],
+               timeout: float) -> None:
+        """An owner-checked outcome write, never forced over a new owner.
+
+        While the store is unreachable it is retried for up to ``timeout`` seconds
+        (``idempotency_store_write_timeout``): the message is acknowledged once the task
+        returns, so this write is the only thing that will ever record the outcome. The
+        task's own outcome goes to Celery either way."""
+        deadline = time.monotonic() + timeout
+        pause = _WRITE_PAUSE_FIRST
+        while True:
             try:
                 action()
                 return
@@ -383,12 +406,16 @@ class IdempotentTask(Task):  # type: ignore[misc]
                                             task_id=self.request.id, action=what)
                 return
             except StoreUnavailable as exc:
-                if pause is None:
-                    logger.error("%s[%s] key=%r: could not %s, store unreachable (%s); the "
-                                 "claim stays until its lease expires", self.name,
-                                 self.request.id, ref.key, what, exc)
+                if time.monotonic() + pause > deadline:
+                    logger.error("%s[%s] key=%r: could not %s, store unreachable for %.0f s "
+                                 "(%s); the claim stays until its lease expires", self.name,
+                                 self.request.id, ref.key, what, timeout, exc)
                     return
+                if pause == _WRITE_PAUSE_FIRST:
+                    logger.warning("%s[%s] key=%r: store unreachable, trying to %s for up to "
+                                   "%.0f s", self.name, self.request.id, ref.key, what, timeout)
                 time.sleep(pause)
+                pause = min(pause * 2, _WRITE_PAUSE_MAX)
 
     def _released(self, ref: RecordRef, reason: str) -> None:
         signals.claim_released.send(sender=self, key=ref.key, scope=ref.scope,

@@ -35,6 +35,8 @@ class ClaimStatus(str, enum.Enum):
 class Reservation:
     status: ReserveStatus
     record: Record | None = None  # the existing record, for DUPLICATE and STALE
+    # RESERVED over a reservation whose message never reached a worker in time
+    replaced_task_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,11 @@ class KeyStore(abc.ABC):
 
     @abc.abstractmethod
     def reserve(self, ref: RecordRef, *, task_id: str, fingerprint: str, task_name: str,
-                ttl_ms: int) -> Reservation:
+                ttl_ms: int, pending_ms: int = 600_000) -> Reservation:
         """Publish time: create a ``pending`` record, or report the existing one.
+
+        A reservation not claimed within ``pending_ms`` is taken to have lost its message and
+        is reserved anew (``replaced_task_id``).
 
         Raises `IdempotencyKeyMismatch` when the key exists with another fingerprint.
         """

@@ -72,7 +72,7 @@ class MemoryKeyStore(KeyStore):
         return int(fields.get("l", b"0")) > now
 
     def reserve(self, ref: RecordRef, *, task_id: str, fingerprint: str, task_name: str,
-                ttl_ms: int) -> Reservation:
+                ttl_ms: int, pending_ms: int = 600_000) -> Reservation:
         name = self.name_of(ref)
         with self._lock:
             now = self.now_ms()
@@ -85,6 +85,11 @@ class MemoryKeyStore(KeyStore):
                 state = fields["st"]
                 if state == b"pending" and fields.get("t") == _b(task_id):
                     return Reservation(ReserveStatus.RESERVED)
+                if state == b"pending" and "pd" in fields and int(fields["pd"]) <= now:
+                    replaced = fields["t"].decode("utf-8")
+                    fields.update({"t": _b(task_id), "pd": _b(now + int(pending_ms)),
+                                   "u": _b(now)})
+                    return Reservation(ReserveStatus.RESERVED, replaced_task_id=replaced)
                 if state == b"started" and not self._lease_alive(fields, now):
                     return Reservation(ReserveStatus.STALE, record)
                 if not (state == b"failed" and fields.get("ry") == b"1"):
@@ -92,7 +97,8 @@ class MemoryKeyStore(KeyStore):
                 fence = fields.get("f", b"0")
                 self._delete(name)
             fields = {"k": _b(ref.key), "s": _b(ref.scope), "st": b"pending", "t": _b(task_id),
-                      "fp": _b(fingerprint), "f": fence, "c": _b(now), "u": _b(now)}
+                      "fp": _b(fingerprint), "f": fence, "c": _b(now), "u": _b(now),
+                      "pd": _b(now + int(pending_ms))}
             if task_name != ref.scope:  # kept only when it is not the scope (the default)
                 fields["n"] = _b(task_name)
             self._records[name] = fields
@@ -149,7 +155,7 @@ class MemoryKeyStore(KeyStore):
             def take(status: ClaimStatus, fields: Fields) -> Claim:
                 previous = fields.get("t", b"").decode("utf-8")
                 fence = int(fields.get("f", b"0")) + 1
-                for gone in ("r", "ct", "ce", "rs", "e", "ry"):
+                for gone in ("r", "ct", "ce", "rs", "e", "ry", "pd"):
                     fields.pop(gone, None)
                 fields.update({"st": b"started", "t": _b(task_id), "o": _b(owner),
                                "l": _b(now + int(lease_ms)), "u": _b(now), "f": _b(fence)})

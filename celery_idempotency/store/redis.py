@@ -95,10 +95,13 @@ class RedisKeyStore(KeyStore):
         return decode_record(self.name_of(ref), fields_from_flat(flat))
 
     def reserve(self, ref: RecordRef, *, task_id: str, fingerprint: str, task_name: str,
-                ttl_ms: int) -> Reservation:
+                ttl_ms: int, pending_ms: int = 600_000) -> Reservation:
         reply = self._run("reserve", ref, [task_id, fingerprint, ref.key, ref.scope, task_name,
-                                           ttl_ms])
+                                           ttl_ms, pending_ms])
         status = _text(reply[0])
+        if status == "reserved":
+            return Reservation(ReserveStatus.RESERVED,
+                               replaced_task_id=_text(reply[1]) if len(reply) > 1 else None)
         record = self._record(ref, reply[1:])
         if status == "mismatch":
             raise mismatch_error(ref, record)

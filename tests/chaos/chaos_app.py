@@ -34,6 +34,8 @@ from kombu import pools
 
 from celery_idempotency import IdempotentTask
 
+PENDING_TIMEOUT = 5.0
+
 
 def settings(broker_url: str, store_url: str, queue: str) -> dict[str, Any]:
     """The Celery settings of a chaos run (workers and publishers alike)."""
@@ -45,6 +47,9 @@ def settings(broker_url: str, store_url: str, queue: str) -> dict[str, Any]:
         # longer than that is restored to the queue while it waits).
         idempotency_store_retry_max_delay=2.0,
         idempotency_store_timeout=1.0,
+        # A reservation whose message the broker lost is published again by the next client
+        # retry after this long (the default is 10 minutes).
+        idempotency_pending_timeout=PENDING_TIMEOUT,
         task_default_queue=queue,
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -162,6 +162,7 @@ class Report:
     window_after_work: int = 0  # re-runs after a kill between the body's return and end marker
     rerun_delays: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     problems: list[str] = field(default_factory=list)
+    client_retries: int = 0  # re-publishes of keys whose message the broker lost
     duration: float = 0.0
 
     @property
@@ -184,6 +185,7 @@ class Report:
                 f"double_executed={len(self.double_executed)} "
                 f"window_cases={len(self.window_cases)} ({self.window_executions} re-runs, "
                 f"{self.window_after_work} of them after a kill past the body's work) "
+                f"client_retries={self.client_retries} "
                 f"problems={len(self.problems)} seed={self.sizes.seed} "
                 f"duration={self.duration:.1f}s")
 
@@ -445,13 +447,22 @@ class ChaosRun:
             yield key, RecordRef(chaos_app.work.name, key)
 
     def _wait_for_outcomes(self, sleeps: dict[str, int], *, deadline: float) -> None:
+        """Wait for every key, retrying as a client would: a key still ``pending`` past
+        idempotency_pending_timeout lost its message (kombu's Redis transport loses one taken
+        by a worker killed before it recorded it as unacked), and a client that got no answer
+        publishes again, which the library then sends (deduplicated at execution)."""
         store = chaos_app.work.idem_store()
         waiting = set(sleeps)
         while waiting and time.monotonic() < deadline:
+            now_ms = store.now_ms()
             for key, ref in list(self._refs(waiting)):
                 record = store.get(ref)
                 if record is not None and record.state is KeyState.SUCCEEDED:
                     waiting.discard(key)
+                elif record is not None and record.pending_deadline_ms is not None \
+                        and record.pending_deadline_ms < now_ms:
+                    chaos_app.work.apply_async((key, sleeps[key]), idempotency_key=key)
+                    self.report.client_retries += 1
             if waiting:
                 time.sleep(0.5)
 

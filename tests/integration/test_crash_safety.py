@@ -745,14 +745,53 @@ def test_store_restarted_empty_refuses_the_completion_and_the_key_runs_again(
     effects.client.close()
 
 
-def test_store_down_past_the_write_retries_keeps_the_claim_until_its_lease_expires(
-        own_redis: RedisServer, outage_stack: Stack, fleet: Fleet,
-        published: PublishLog) -> None:
-    """The store is down for longer than the ~2 s of outcome-write retries: the worker logs an
-    ERROR and the claim stays ``started`` (a publish meanwhile is a duplicate) until its lease
-    (6 s) expires; then a publish goes out and takes over with fence 2."""
+def test_store_down_for_seconds_at_completion_the_write_waits_and_lands(
+        own_redis: RedisServer, outage_stack: Stack, fleet: Fleet) -> None:
+    """The store is down for 4 s (longer than its 0.5 s timeout and any single retry) when the
+    task returns: the outcome write keeps trying (idempotency_store_write_timeout, 300 s by
+    default) and lands once the store is back; the handle gets the result, nothing re-runs."""
     from tests.integration.app import six_second_lease
 
+    worker = fleet.start(outage_stack)
+    effects = effects_of(outage_stack)
+    job, key = unique("wait"), unique("wait-key")
+    handle = six_second_lease.apply_async((job, 0.5), idempotency_key=key)
+    wait_for_runs(effects, "six_second_lease", job, 1, worker)
+    own_redis.stop(save=True)
+    wait_for(lambda: log_lines(worker, "store unreachable, trying to record success"),
+             what="the write to wait for the store", worker=worker)
+    time.sleep(4)
+    own_redis.start(keep_data=True)
+    result = handle.get(timeout=TIMEOUT)
+    assert result["run"] == 1 and result["fence"] == 1
+    record = record_of(six_second_lease, key)
+    assert record is not None and (record.state, record.fence) == (KeyState.SUCCEEDED, 1)
+    assert six_second_lease.apply_async((job, 0.5), idempotency_key=key).duplicate
+    time.sleep(SETTLE)
+    assert effects.count("six_second_lease", job) == 1
+    assert not log_lines(worker, "could not record success")
+    effects.client.close()
+
+
+@pytest.fixture
+def short_write_stack(redis_server: RedisServer, own_redis: RedisServer,
+                      app_conf: None) -> Stack:
+    made = redis_stack(redis_server, store=own_redis, idempotency_store_timeout=0.5,
+                       idempotency_store_retry_max_delay=1.0,
+                       idempotency_store_write_timeout=1.5)
+    use_stack(itest.app, made)
+    return made
+
+
+def test_store_down_past_the_write_timeout_keeps_the_claim_until_its_lease_expires(
+        own_redis: RedisServer, short_write_stack: Stack, fleet: Fleet,
+        published: PublishLog) -> None:
+    """The store is down for longer than the outcome-write timeout (1.5 s here): the worker
+    logs an ERROR and the claim stays ``started`` (a publish meanwhile is a duplicate) until
+    its lease (6 s) expires; then a publish goes out and takes over with fence 2."""
+    from tests.integration.app import six_second_lease
+
+    outage_stack = short_write_stack
     worker = fleet.start(outage_stack)
     effects = effects_of(outage_stack)
     job, key = unique("down"), unique("down-key")

@@ -3,8 +3,10 @@ hard time limit. Neither may leave the key stuck in ``pending`` with no message 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,3 +75,28 @@ def test_hard_time_limit_fails_the_key_retryable(started: tuple[Worker, Effects]
     assert record is not None and record.state is KeyState.FAILED and record.retryable
     again = hard_time_limit.apply_async((job, 3.0), idempotency_key=key)
     assert again.duplicate is False
+
+
+@pytest.mark.parametrize("started", [{"idempotency_pending_timeout": 1.0}], indirect=True,
+                         ids=["pending_timeout_1s"])
+def test_a_reservation_whose_message_never_arrives_is_published_again(
+        started: tuple[Worker, Effects], caplog: pytest.LogCaptureFixture) -> None:
+    """A broker can lose a message (kombu's Redis transport: a worker killed between taking it
+    and recording it as unacked). Its reservation must not block the key for the whole TTL:
+    past idempotency_pending_timeout the next publish is sent, and runs once."""
+    _worker, effects = started
+    job, key = unique("lost-msg"), unique("key")
+    # Sent where no worker listens: for this key, the message is as good as lost.
+    lost = hard_time_limit.apply_async((job, 0.0), idempotency_key=key,
+                                       queue=unique("nobody-listens"))
+    early = hard_time_limit.apply_async((job, 0.0), idempotency_key=key)
+    assert (early.duplicate, early.id) == (True, lost.id)  # within the deadline: a duplicate
+    time.sleep(1.2)
+    with caplog.at_level(logging.WARNING, logger="celery_idempotency"):
+        again = hard_time_limit.apply_async((job, 0.0), idempotency_key=key)
+    assert again.duplicate is False and again.id != lost.id
+    result = again.get(timeout=TIMEOUT)
+    assert result["run"] == 1
+    assert lost.get(timeout=TIMEOUT) == result  # the first handle sees the key's outcome
+    assert effects.count("hard_time_limit", job) == 1
+    assert "never reached a worker within idempotency_pending_timeout" in caplog.text

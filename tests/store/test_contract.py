@@ -495,3 +495,33 @@ def test_abandon_leaves_finished_records_and_other_owners_alone(store: KeyStore)
     assert store.abandon(REF, task_id="t1", owner_prefix="h1:1f.", requeued=False, error=LOST,
                          ttl_ms=DAY_MS) is False
     assert state(store) is KeyState.SUCCEEDED
+
+
+# -- a reservation whose message never reaches a worker ---------------------------------------
+
+def test_reservation_unclaimed_past_its_deadline_is_reserved_anew(store: KeyStore) -> None:
+    store.reserve(REF, task_id="t1", fingerprint="fp1", task_name="tasks.charge", ttl_ms=DAY_MS,
+                  pending_ms=50)
+    assert reserve(store, task_id="t2").status is ReserveStatus.DUPLICATE  # still in time
+    time.sleep(0.1)
+    outcome = store.reserve(REF, task_id="t3", fingerprint="fp1", task_name="tasks.charge",
+                            ttl_ms=DAY_MS, pending_ms=60_000)
+    assert (outcome.status, outcome.replaced_task_id) == (ReserveStatus.RESERVED, "t1")
+    record = store.get(REF)
+    assert record is not None and (record.state, record.task_id) == (KeyState.PENDING, "t3")
+    # Only one publisher replaces it: the next is a duplicate of the new reservation.
+    again = reserve(store, task_id="t4")
+    assert again.status is ReserveStatus.DUPLICATE and again.record.task_id == "t3"  # type: ignore
+    # Should the first message arrive after all, it claims the key; the other replays.
+    assert claim(store, task_id="t1").status is ClaimStatus.CLAIMED
+
+
+def test_a_claimed_or_retried_key_has_no_pending_deadline(store: KeyStore) -> None:
+    store.reserve(REF, task_id="t1", fingerprint="fp1", task_name="tasks.charge", ttl_ms=DAY_MS,
+                  pending_ms=50)
+    claim(store, task_id="t1")
+    store.release(REF, owner="o1")  # a retry: its message exists, published by Celery
+    time.sleep(0.1)
+    record = store.get(REF)
+    assert record is not None and record.pending_deadline_ms is None
+    assert reserve(store, task_id="t2").status is ReserveStatus.DUPLICATE

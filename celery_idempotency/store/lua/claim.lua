@@ -13,6 +13,7 @@ local state, fp, owner, lease, task_id, retryable, fence = f[1], f[2], f[3], f[4
 local function take(status)
   local new_fence = (fence and tonumber(fence) or 0) + 1
   if state == 'failed' then redis.call('HDEL', rec, 'e', 'ry') end
+  if state == 'pending' then redis.call('HDEL', rec, 'pd') end
   if state then
     redis.call('HSET', rec, 'st', 'started', 't', ARGV[1], 'o', ARGV[2],
       'l', now + tonumber(ARGV[7]), 'u', now, 'f', new_fence)
