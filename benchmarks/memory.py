@@ -43,6 +43,9 @@ def _result(order_id: int) -> Any:
                          max_bytes=512 * 1024, key="k", task_id="t")
 
 
+PENDING_MS = 600_000  # idempotency_pending_timeout's default
+
+
 def _identity(index: int) -> tuple[RecordRef, str, str]:
     ref = RecordRef(TASK_NAME, str(uuid.uuid4()))
     return ref, str(uuid.uuid4()), digest(f"order={1_000_000 + index}")
@@ -78,7 +81,7 @@ def seed_pipelined(store: RedisKeyStore, start: int, count: int) -> list[str]:
             pipe = store.client.pipeline(transaction=False)
             for name, ref, task_id, fp, owner, result in rows:
                 if step == "reserve":
-                    args = [task_id, fp, ref.key, ref.scope, TASK_NAME, TTL_MS]
+                    args = [task_id, fp, ref.key, ref.scope, TASK_NAME, TTL_MS, PENDING_MS]
                 elif step == "claim":
                     args = [task_id, owner, fp, ref.key, ref.scope, TASK_NAME, LEASE_MS,
                             TTL_MS]
@@ -181,4 +184,4 @@ def memory_per_record(*, checkpoints: list[int], sample: int, log: Any) -> dict[
             "seconds": time.perf_counter() - started,
         }
     finally:
-        server.stop()
+        server.close()

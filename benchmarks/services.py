@@ -8,56 +8,32 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import redis
 
+from tests.support.services import RedisServer as PrivateRedisServer
+
 ROOT = Path(__file__).resolve().parents[1]
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class RedisServer:
-    """A private, non-persistent ``redis-server`` on a free 127.0.0.1 port."""
+class RedisServer(PrivateRedisServer):
+    """The test suite's private, non-persistent ``redis-server`` on a free 127.0.0.1 port,
+    named for the report."""
 
     def __init__(self, name: str) -> None:
+        super().__init__()
         self.name = name
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix=f"idem-bench-{name}-"))
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis.from_url(self.url(db))
-
-    def start(self) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
+    def start(self, *, keep_data: bool = False) -> RedisServer:
+        if shutil.which("redis-server") is None:  # say so plainly, not as a pytest skip
             raise SystemExit("redis-server is not on PATH (apt-get install redis-server)")
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "", "--appendonly", "no", "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if self.client().ping():
-                    return self
-            except redis.ConnectionError:
-                time.sleep(0.01)
-        raise RuntimeError(f"redis-server {self.name} on port {self.port} did not start")
+        super().start(keep_data=keep_data)
+        return self
 
     def pid(self) -> int:
         assert self.process is not None
@@ -65,13 +41,6 @@ class RedisServer:
 
     def version(self) -> str:
         return str(self.client().info("server")["redis_version"])
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-            self.process = None
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Worker:

@@ -53,8 +53,8 @@ class Stack:
 
     def close(self) -> None:
         self.effects.close()
-        self.aux.stop()
-        self.store.stop()
+        self.aux.close()
+        self.store.close()
 
     def broker_url(self, broker: str) -> str:
         return RABBITMQ_URL if broker == "rabbitmq" else self.aux.url(BROKER_DB)
