@@ -126,16 +126,22 @@ class IdempotentResult(AsyncResult):  # type: ignore[misc]
         return f"<IdempotentResult: {self.id} key={self.ref.key!r}{flag}>"
 
 
+def lookup(app: Any, store: KeyStore, ref: RecordRef, *, serializer: str,
+           task_name: str | None) -> IdempotentResult | None:
+    """The handle of the task that owns ``ref`` now, or ``None`` when the key is unknown or
+    expired. A lookup publishes nothing: the handle is not a duplicate."""
+    record = store.get(ref)
+    if record is None:
+        return None
+    return IdempotentResult(record.task_id, store=store, ref=ref, accept=accept_for(serializer),
+                            duplicate=False, app=app, task_name=task_name or record.task_name)
+
+
 def result_for_key(app: Any, key: str, *, scope: str) -> IdempotentResult | None:
     """Rebuild the handle for ``key`` under ``scope`` (a task name by default), from the store
     named by ``app.conf.idempotency_store_url``. ``None`` when the key is unknown or expired."""
     config = resolve(app.conf, {}, task_name=scope)
     store = store_for_app(app, config.store_url, prefix=config.key_prefix,
                           timeout=config.store_timeout)
-    ref = RecordRef(scope, key)
-    record = store.get(ref)
-    if record is None:
-        return None
-    return IdempotentResult(record.task_id, store=store, ref=ref,
-                            accept=accept_for(config.result_serializer), duplicate=False,
-                            app=app, task_name=record.task_name or None)
+    return lookup(app, store, RecordRef(scope, key), serializer=config.result_serializer,
+                  task_name=None)

@@ -48,7 +48,7 @@ from .keys import (
 )
 from .leases import lease_keeper, new_owner_token
 from .outcomes import decode_result, encode_error, encode_result, rebuild_error
-from .result import IdempotentResult, accept_for
+from .result import IdempotentResult, accept_for, lookup
 from .store import ClaimStatus, KeyStore, ReserveStatus, store_for_app
 from .worker import IdempotentRequest
 
@@ -165,14 +165,9 @@ class IdempotentTask(Task):  # type: ignore[misc]
     def result_for_key(self, key: str, *, scope: str | None = None) -> IdempotentResult | None:
         """The handle of the task that owns ``key`` (e.g. in a result endpoint), or None."""
         config = self.idem_config()
-        store = self.idem_store(config)
         ref = RecordRef(scope or config.scope or self.name, validate_key(key))
-        record = store.get(ref)
-        if record is None:
-            return None
-        return IdempotentResult(record.task_id, store=store, ref=ref,
-                                accept=accept_for(config.result_serializer), duplicate=False,
-                                app=self.app, task_name=self.name)
+        return lookup(self.app, self.idem_store(config), ref,
+                      serializer=config.result_serializer, task_name=self.name)
 
     # -- publish -------------------------------------------------------------------------------
 
