@@ -681,7 +681,8 @@ def outage_stack(redis_server: RedisServer, own_redis: RedisServer, app_conf: No
 def test_store_restarted_with_data_at_completion_the_retried_write_lands(
         own_redis: RedisServer, outage_stack: Stack, fleet: Fleet) -> None:
     """The store goes down (saving its data) while the task runs and comes back just after the
-    body returned: the outcome write, retried for ~2 s, lands after the restart."""
+    body returned: the outcome write, retried while the store is unreachable, lands after
+    the restart."""
     worker = fleet.start(outage_stack)
     effects = effects_of(outage_stack)
     job, key = unique("restart-data"), unique("restart-data-key")
@@ -691,7 +692,7 @@ def test_store_restarted_with_data_at_completion_the_retried_write_lands(
     own_redis.stop(save=True)
     done = wait_for(lambda: done_of(effects, "long_lease", job), what="the body to return",
                     worker=worker)[0]
-    time.sleep(0.3)  # let the outage span a few write attempts (retried for ~2 s)
+    time.sleep(0.3)  # let the outage span a few write attempts
     back_at = time.time()
     own_redis.start(keep_data=True)
 
