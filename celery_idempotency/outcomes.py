@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from kombu.exceptions import ContentDisallowed, DecodeError, EncodeError
@@ -42,7 +43,7 @@ def encode_result(value: Any, *, serializer: str, max_bytes: int, key: str,
     return ResultPayload(raw, content_type, encoding, ResultStatus.STORED.value)
 
 
-def decode_result(record: Record, *, accept: list[str]) -> Any:
+def decode_result(record: Record, *, accept: Sequence[str]) -> Any:
     """The cached result of a succeeded record. Raises `ResultNotStored` when there is none."""
     if record.result_status is not ResultStatus.STORED:
         raise ResultNotStored(

@@ -7,7 +7,9 @@ original task id without anything having been published.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from celery import states
@@ -29,10 +31,12 @@ _CELERY_STATES = {
 }
 
 
-def accept_for(serializer: str) -> list[str]:
+@functools.lru_cache(maxsize=16)
+def accept_for(serializer: str) -> tuple[str, ...]:
     """Content types a result may be read back in: the configured serializer, and JSON (so that
-    records written before a switch of serializer stay readable)."""
-    return sorted(prepare_accept_content({"json", serializer}))  # type: ignore[no-untyped-call]
+    records written before a switch of serializer stay readable). Cached: every publish asks."""
+    return tuple(sorted(prepare_accept_content(  # type: ignore[no-untyped-call]
+        {"json", serializer})))
 
 
 class IdempotentResult(AsyncResult):  # type: ignore[misc]
@@ -43,7 +47,7 @@ class IdempotentResult(AsyncResult):  # type: ignore[misc]
     polls the key store; the outcome is the key's, whichever message ran it.
     """
 
-    def __init__(self, id: str, *, store: KeyStore, ref: RecordRef, accept: list[str],
+    def __init__(self, id: str, *, store: KeyStore, ref: RecordRef, accept: Sequence[str],
                  duplicate: bool, app: Any = None, task_name: str | None = None,
                  eager: AsyncResult | None = None) -> None:
         super().__init__(id, app=app)
