@@ -1,4 +1,4 @@
-"""The shop of DESIGN.md §1: a ``send_receipt`` task that must send one receipt per order,
+"""The README's quickstart shop: a ``send_receipt`` task that must send one receipt per order,
 however often it is published or delivered.
 
 Run a worker with ``celery -A examples.shop worker`` (from the repository root, or with it on

@@ -1,4 +1,4 @@
-"""Inspecting keys from the command line (DESIGN §6): `celery -A proj idempotency <command>`
+"""Inspecting keys from the command line: `celery -A proj idempotency <command>`
 and `celery-idempotency --store-url URL <command>`, with `list`, `show`, `stats`, `release`
 and `purge`.
 
