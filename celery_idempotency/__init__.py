@@ -17,6 +17,7 @@ from .exceptions import (
     OwnershipLost,
     ReplayedTaskError,
     ResultNotStored,
+    StoreMisconfigured,
     StoreUnavailable,
 )
 from .keys import RecordRef
@@ -48,6 +49,7 @@ __all__ = [
     "RedisKeyStore",
     "ReplayedTaskError",
     "ResultNotStored",
+    "StoreMisconfigured",
     "StoreUnavailable",
     "idempotency_key",
     "open_store",
