@@ -12,13 +12,16 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from celery.exceptions import TaskPredicate
 from celery.utils.imports import symbol_by_name
 
 from .exceptions import ConfigurationError
 from .keys import KeyFunc
+from .redact import redact_url
 
 PREFIX = "idempotency_"
 SEVEN_DAYS = 7 * 24 * 3600
+DEFAULT_LEASE = 60.0  # idempotency_lease when unset (a task's hard time limit may shorten it)
 FAIL_CLOSED = "fail_closed"
 FAIL_OPEN = "fail_open"
 
@@ -51,10 +54,17 @@ class IdempotencyConfig:
     store_timeout: float = 2.0
     store_write_timeout: float = 300.0
     pending_timeout: float = 600.0
+    # A store whose maxmemory-policy may evict records (they all have a TTL) is refused unless
+    # this is set: an evicted record is a task that runs again (store/eviction.py).
+    allow_evicting_store: bool = False
 
     @property
     def ttl_ms(self) -> int:
         return int(self.ttl * 1000)
+
+    @property
+    def pending_ms(self) -> int:
+        return int(self.pending_timeout * 1000)
 
 
     @property
@@ -72,7 +82,35 @@ class IdempotencyConfig:
                     f"{[PREFIX + n for n in PER_MESSAGE]}")
             if value is not None:
                 changes[short] = _validate(short, value)
-        return dataclasses.replace(self, **changes) if changes else self
+        if not changes:
+            return self
+        changed = dataclasses.replace(self, **changes)
+        check_consistent(changed, "per-message idempotency_ttl")
+        return changed
+
+
+def check_consistent(config: IdempotencyConfig, where: str) -> None:
+    """Refuse settings under which a record would be forgotten while its work is in flight.
+
+    The record of a running task must outlive its lease, and a reservation its pending
+    deadline (the store lengthens the TTL to cover both whatever is set, but a TTL shorter
+    than either contradicts what the user asked for). A countdown/eta is added to the TTL at
+    publish, so it needs no setting. ``store_write_timeout`` is not compared: the lease keeper
+    renews the lease (and the TTL with it) while an outcome write waits for the store.
+    """
+    lease = config.lease if config.lease is not None else DEFAULT_LEASE
+    lease_text = f"{PREFIX}lease ({lease:g} s)" if config.lease is not None else \
+        f"the default lease ({lease:g} s; {PREFIX}lease sets it)"
+    if config.ttl < lease:
+        raise ConfigurationError(
+            f"{PREFIX}ttl ({config.ttl:g} s, {where}) is shorter than {lease_text}: a running "
+            f"task's record must outlive its lease; raise the TTL or shorten the lease")
+    if config.ttl < config.pending_timeout:
+        raise ConfigurationError(
+            f"{PREFIX}ttl ({config.ttl:g} s, {where}) is shorter than "
+            f"{PREFIX}pending_timeout ({config.pending_timeout:g} s): a reservation must "
+            f"outlive the time its message may take to reach a worker; raise the TTL or "
+            f"lower {PREFIX}pending_timeout")
 
 
 SETTING_NAMES = frozenset(field.name for field in dataclasses.fields(IdempotencyConfig))
@@ -89,6 +127,12 @@ def _exception_class(name: str, value: Any) -> type[BaseException]:
     resolved = symbol_by_name(value) if isinstance(value, str) else value
     if not (isinstance(resolved, type) and issubclass(resolved, BaseException)):
         raise ConfigurationError(f"{PREFIX}{name} must list exception classes, got {value!r}")
+    if not issubclass(resolved, Exception) or issubclass(resolved, TaskPredicate):
+        # Listing these would do nothing: a task that raises them gives its claim back
+        # (Retry/Ignore/Reject steer the message; the others mean the worker is stopping).
+        raise ConfigurationError(
+            f"{PREFIX}{name} lists {resolved.__module__}.{resolved.__qualname__}, which is "
+            "never cached as an outcome (a control-flow exception); list Exception subclasses")
     return resolved
 
 
@@ -97,7 +141,7 @@ def _validate(name: str, value: Any) -> Any:
         if not isinstance(value, str) or "://" not in value:
             raise ConfigurationError(
                 f"{PREFIX}store_url must be a URL such as redis://127.0.0.1:6379/1 or "
-                f"memory://, got {value!r}")
+                f"memory://, got {redact_url(value) if isinstance(value, str) else value!r}")
         return value
     if name in ("ttl", "lease", "busy_retry_delay", "store_retry_max_delay", "store_timeout",
                 "store_write_timeout", "pending_timeout"):
@@ -112,7 +156,7 @@ def _validate(name: str, value: Any) -> Any:
             raise ConfigurationError(
                 f"{PREFIX}on_store_error must be {FAIL_CLOSED!r} or {FAIL_OPEN!r}, got {value!r}")
         return value
-    if name in ("enabled", "require_key"):
+    if name in ("enabled", "require_key", "allow_evicting_store"):
         if not isinstance(value, bool):
             raise ConfigurationError(f"{PREFIX}{name} must be True or False, got {value!r}")
         return value
@@ -173,7 +217,9 @@ def resolve(app_conf: Mapping[str, Any], task_options: Mapping[str, Any],
             f"task {task_name!r} needs {PREFIX}store_url (e.g. app.conf.idempotency_store_url = "
             "'redis://127.0.0.1:6379/1', or 'memory://' for tests); there is no fallback to "
             "the broker, so that keys never land somewhere nobody meant")
-    return IdempotencyConfig(**values)
+    config = IdempotencyConfig(**values)
+    check_consistent(config, f"task {task_name!r}")
+    return config
 
 
 def task_options_of(cls: type) -> dict[str, Any]:

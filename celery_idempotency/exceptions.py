@@ -61,6 +61,11 @@ class StoreUnavailable(IdempotencyError):
     """The key store could not be reached; nothing was published or run unprotected."""
 
 
+class StoreMisconfigured(IdempotencyError):
+    """The store answers, but refuses for good (ACL ``NOPERM``, a policy that evicts records,
+    a missing script or command): retrying cannot help; the message names what to change."""
+
+
 class CorruptRecord(IdempotencyError):
     """A record in the store cannot be decoded (written by something else, or damaged)."""
 
@@ -74,20 +79,37 @@ class ResultNotStored(IdempotencyError):
 
 
 class ReplayedTaskError(IdempotencyError):
-    """Stand-in for a cached task error whose original exception class cannot be rebuilt."""
+    """A cached task error, replayed as this stand-in rather than as its original class.
 
-    def __init__(self, message: str, *, error_type: str, key: str | None = None,
-                 task_id: str | None = None):
+    A replay raises the original class only when that is safe and wanted; otherwise this:
+    for control-flow exceptions (``Retry``, ``Reject``, ``WorkerLostError``, time limits,
+    anything that is not an ``Exception``), for classes not listed in
+    ``idempotency_cache_errors`` (their constructors are not run by a replay), for classes not
+    imported in this process, and for arguments that do not rebuild the class.
+
+    ``error_type`` is the original class's qualified name (``"shop.errors.Declined"``),
+    ``message`` its ``str()`` and ``error_args`` its arguments (JSON values; None when they were
+    not JSON or over the size cap).
+    """
+
+    def __init__(self, message: str, error_type: str, *, error_args: list[object] | None = None,
+                 key: str | None = None, task_id: str | None = None):
         super().__init__(message, key=key, task_id=task_id)
         self.error_type = error_type
+        self.error_args = error_args
+        # What Celery's JSON result backend stores and calls the class with when it reads the
+        # error back: so `except ReplayedTaskError` also works on a plain AsyncResult.
+        self.args = (message, error_type)
 
     def __str__(self) -> str:
         return f"{self.error_type}: {super().__str__()}"
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_replayed, (self.message, self.error_type, self.key, self.task_id))
+        return (_rebuild_replayed, (self.message, self.error_type, self.key, self.task_id,
+                                    self.error_args))
 
 
-def _rebuild_replayed(message: str, error_type: str, key: str | None,
-                      task_id: str | None) -> ReplayedTaskError:
-    return ReplayedTaskError(message, error_type=error_type, key=key, task_id=task_id)
+def _rebuild_replayed(message: str, error_type: str, key: str | None, task_id: str | None,
+                      error_args: list[object] | None = None) -> ReplayedTaskError:
+    return ReplayedTaskError(message, error_type, error_args=error_args, key=key,
+                             task_id=task_id)

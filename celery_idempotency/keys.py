@@ -9,6 +9,7 @@ with an error that names the argument, instead of producing a key that silently 
 
 from __future__ import annotations
 
+import base64
 import datetime
 import decimal
 import hashlib
@@ -23,6 +24,9 @@ from typing import Any
 from .exceptions import ArgumentsNotCanonical, ConfigurationError, InvalidIdempotencyKey
 
 MAX_KEY_LENGTH = 255
+# Nesting allowed in arguments that make a key or fingerprint: far beyond real payloads, well
+# within Python's recursion limit (also in the serializer that encodes the message).
+MAX_ARGUMENT_DEPTH = 100
 _DIGEST_CHARS = 32  # 128 bits of SHA-256: collision-free for any realistic key count
 
 KeyFunc = Callable[[Sequence[Any], Mapping[str, Any]], str]
@@ -64,7 +68,8 @@ def validate_key(key: object, *, what: str = "idempotency key") -> str:
     return key
 
 
-def _canonical(value: Any, path: str) -> Any:
+def _canonical(value: Any, path: str, depth: int = 0,
+               containing: set[int] | None = None) -> Any:
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
@@ -74,16 +79,9 @@ def _canonical(value: Any, path: str) -> Any:
             raise ArgumentsNotCanonical(
                 f"argument {path} is {value!r}, which has no canonical JSON form")
         return value
-    if isinstance(value, (list, tuple)):
-        return [_canonical(item, f"{path}[{index}]") for index, item in enumerate(value)]
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for name, item in value.items():
-            if not isinstance(name, str):
-                raise ArgumentsNotCanonical(
-                    f"argument {path} has a non-string key {name!r}; JSON would change it")
-            out[name] = _canonical(item, f"{path}[{name!r}]")
-        return out
+    if isinstance(value, (list, tuple, Mapping)):
+        return _canonical_container(value, path, depth,
+                                    set() if containing is None else containing)
     # Tagged so that e.g. the string "2024-01-01" and a date of that day differ.
     if isinstance(value, datetime.datetime):
         return {"$datetime": value.isoformat()}
@@ -95,10 +93,40 @@ def _canonical(value: Any, path: str) -> Any:
         return {"$uuid": str(value)}
     if isinstance(value, decimal.Decimal):
         return {"$decimal": str(value)}
+    if isinstance(value, bytes):
+        # kombu's JSON (and msgpack, pickle) round-trip bytes; Celery passes them (e.g. to a
+        # callback), so they must have a key of their own.
+        return {"$bytes": base64.b64encode(value).decode("ascii")}
     raise ArgumentsNotCanonical(
         f"argument {path} of type {type(value).__qualname__} cannot be canonicalised for an "
         "idempotency key; pass idempotency_key=..., or set idempotency_key_fields or "
         "idempotency_key_func on the task")
+
+
+def _canonical_container(value: Any, path: str, depth: int, containing: set[int]) -> Any:
+    # Checked here rather than left to RecursionError: a structure that contains itself, or
+    # one nested deeper than any JSON serializer takes, gets an error naming where it is.
+    if id(value) in containing:
+        raise ArgumentsNotCanonical(
+            f"argument {path} contains itself (a recursive structure has no JSON form)")
+    if depth > MAX_ARGUMENT_DEPTH:  # depth 0: the whole set of arguments
+        raise ArgumentsNotCanonical(
+            f"argument {path[:80]}... is nested more than {MAX_ARGUMENT_DEPTH} levels deep; pass "
+            "idempotency_key=..., or set idempotency_key_fields or idempotency_key_func")
+    containing.add(id(value))
+    try:
+        if not isinstance(value, Mapping):
+            return [_canonical(item, f"{path}[{index}]", depth + 1, containing)
+                    for index, item in enumerate(value)]
+        out: dict[str, Any] = {}
+        for name, item in value.items():
+            if not isinstance(name, str):
+                raise ArgumentsNotCanonical(
+                    f"argument {path} has a non-string key {name!r}; JSON would change it")
+            out[name] = _canonical(item, f"{path}[{name!r}]", depth + 1, containing)
+        return out
+    finally:
+        containing.discard(id(value))
 
 
 def canonical_json(value: Any, path: str = "arguments") -> str:

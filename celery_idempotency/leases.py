@@ -97,6 +97,18 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         while True:
+            try:
+                self._run_once()
+            except Exception:
+                # Never let the thread die: every running task depends on it. Whatever went
+                # wrong (a bug, a store client raising something unexpected), go on after a
+                # pause so that a persistent error does not spin.
+                logger.exception("lease keeper: unexpected error; renewing again in 1 s")
+                time.sleep(1.0)
+
+    def _run_once(self) -> None:
+        """Renew what is due, or sleep until something is."""
+        while True:
             with self._lock:
                 now = time.monotonic()
                 due = [(token, held) for token, held in self._held.items()
@@ -114,10 +126,13 @@ class LeaseKeeper:
     def _renew(self, token: int, held: _Held) -> None:
         try:
             renewed = held.store.renew(held.ref, owner=held.owner, lease_ms=held.lease_ms)
-        except IdempotencyError as exc:
-            # Try again soon; if the store stays away the lease may expire and be taken over,
-            # and the late completion is then refused (fencing), never written over the new one.
-            logger.warning("could not renew the lease of key %r: %s", held.ref.key, exc)
+        except Exception as exc:
+            # Any error, classified or not. Try again soon; if the store stays away the lease
+            # may expire and be taken over, and the late completion is then refused (fencing),
+            # never written over the new one.
+            logger.log(logging.WARNING if isinstance(exc, IdempotencyError) else logging.ERROR,
+                       "could not renew the lease of key %r: %s", held.ref.key, exc,
+                       exc_info=not isinstance(exc, IdempotencyError))
             with self._lock:
                 held.renewed_at = time.monotonic() - held.lease_ms / 3000 + 0.5
             return
@@ -137,7 +152,7 @@ class LeaseKeeper:
     def _finished_by_its_owner(held: _Held) -> bool:
         try:
             record = held.store.get(held.ref)
-        except IdempotencyError:
+        except Exception:  # unknown: report the loss (the claim was not renewed)
             return False
         return record is not None and record.owner == held.owner \
             and record.state is not KeyState.STARTED

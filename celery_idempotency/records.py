@@ -133,7 +133,7 @@ def decode_record(store_key: str, fields: Mapping[str, bytes]) -> Record | None:
     if F_ERROR in fields:
         try:
             error = json.loads(fields[F_ERROR])
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: hand-made, deeply nested
             raise CorruptRecord(f"record {store_key!r} has an undecodable error",
                                 key=store_key) from exc
         if not isinstance(error, dict):

@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
-from celery.exceptions import Terminated
+from celery.exceptions import TaskRevokedError
 from celery.utils.serialization import get_pickled_exception
 from celery.worker.request import Request
 
-from . import signals
+from . import celery_compat, signals
 from .exceptions import IdempotencyError
 from .leases import owner_prefix
 from .outcomes import encode_error
@@ -46,7 +46,7 @@ class IdempotentRequest(Request):  # type: ignore[misc]
         exc = getattr(exc, "exc", exc)
         lost = isinstance(exc, (WorkerLostError, TimeLimitExceeded, SystemExit,
                                 KeyboardInterrupt))
-        if not lost or self._idem_settled or self._already_revoked or self._already_cancelled:
+        if not lost or self._idem_settled or celery_compat.revoked_or_cancelled(self):
             return super().on_failure(exc_info, send_failed_event=send_failed_event,
                                       return_ok=return_ok)
         with self._giving_up(exc):
@@ -77,16 +77,17 @@ class IdempotentRequest(Request):  # type: ignore[misc]
             self._idem_handed_back = True
         return super().reject(requeue=requeue)
 
-    def _retry_worker_lost(self, exc: Any, exc_info: Any) -> Any:
-        # Celery re-sends the task (same id) from here; the re-send goes through
-        # IdempotentTask.apply_async, which publishes it only if the key is pending for this
-        # very task id: hand the claim back first.
-        if self._idem_giving_up is not None:
-            self._abandon(requeued=True, error=self._idem_giving_up)
-        retried = super()._retry_worker_lost(exc, exc_info)
-        if retried:
-            self._idem_handed_back = True
-        return retried
+    if celery_compat.RETRIES_ON_WORKER_LOST:  # Celery >= 5.7 (task_retry_on_worker_lost)
+        def _retry_worker_lost(self, exc: Any, exc_info: Any) -> Any:
+            # Celery re-sends the task (same id) from here; the re-send goes through
+            # IdempotentTask.apply_async, which publishes it only if the key is pending for
+            # this very task id: hand the claim back first.
+            if self._idem_giving_up is not None:
+                self._abandon(requeued=True, error=self._idem_giving_up)
+            retried = super()._retry_worker_lost(exc, exc_info)
+            if retried:
+                self._idem_handed_back = True
+            return retried
 
     def _announce_revoked(self, reason: str, terminated: bool, signum: Any,
                           expired: bool) -> Any:
@@ -94,7 +95,9 @@ class IdempotentRequest(Request):  # type: ignore[misc]
         # and while running (terminate=True). The message is acknowledged: nothing will run
         # it, so the key fails retryable and the next publish runs the task.
         outcome = super()._announce_revoked(reason, terminated, signum, expired)
-        self._abandon(requeued=False, error=Terminated(f"task {reason}"))
+        # The exception Celery's backend records for it (mark_as_revoked), so that a handle
+        # reading the store reports it the same way (REVOKED).
+        self._abandon(requeued=False, error=TaskRevokedError(f"task {reason}"))
         return outcome
 
     def _abandon(self, *, requeued: bool, error: BaseException) -> None:
@@ -105,10 +108,15 @@ class IdempotentRequest(Request):  # type: ignore[misc]
             prefix = owner_prefix(self.worker_pid) if self.worker_pid else ""
             changed = store.abandon(context.ref, task_id=self.id, owner_prefix=prefix,
                                     requeued=requeued, error=encode_error(error),
-                                    ttl_ms=context.config.ttl_ms)
-        except IdempotencyError as exc:
+                                    ttl_ms=context.config.ttl_ms,
+                                    pending_ms=context.config.pending_ms)
+        except Exception as exc:
+            # Never let the store break Celery's handling of the message (it runs around this
+            # call, in the worker's main process): an unavailable, misconfigured or corrupt
+            # store only means the lease has to run out instead.
             logger.error("%s[%s]: could not give up its claim after %r: %s; it stays until "
-                         "its lease expires", self.name, self.id, error, exc)
+                         "its lease expires", self.name, self.id, error, exc,
+                         exc_info=not isinstance(exc, IdempotencyError))
             return
         if changed:
             signals.claim_released.send(sender=task, key=context.ref.key,

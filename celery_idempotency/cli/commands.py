@@ -15,10 +15,12 @@ import click
 
 from ..records import KeyState
 from ..store import Entry
+from ..store.eviction import MemoryPolicy
 from . import query, render
 from .durations import duration_option, format_duration
 from .progress import Progress
 from .session import NotFound, Refused, Session, UsageProblem
+from .terminal import safe_text, shown
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -69,7 +71,12 @@ def _filter(states: tuple[str, ...] = (), scopes: tuple[str, ...] = (),
 def _warn_undecodable(counter: query.ScanCounter) -> None:
     if counter.undecodable:
         skipped = render.plural(counter.undecodable, "undecodable record")
-        click.echo(f"warning: skipped {skipped}; first: {counter.first_error}", err=True)
+        click.echo(safe_text(f"warning: skipped {skipped}; first: {counter.first_error}"),
+                   err=True)
+    if counter.foreign:
+        skipped = render.plural(counter.foreign, "key")
+        click.echo(safe_text(f"warning: skipped {skipped} under the prefix that are not records "
+                             f"of celery-idempotency; first: {counter.first_foreign}"), err=True)
 
 
 def _locate(session: Session, key: str, scope: str | None) -> Entry:
@@ -157,6 +164,7 @@ def stats(ctx: click.Context, scopes: tuple[str, ...], progress: bool | None,
         reporter.done()
     elapsed = time.monotonic() - started
     oldest = result.oldest
+    policies, policy_problem = query.memory_policies(store)
     if as_json:
         click.echo(render.json_document({
             "store": session.shown_url,
@@ -165,7 +173,14 @@ def stats(ctx: click.Context, scopes: tuple[str, ...], progress: bool | None,
             "states": {state.value: count for state, count in result.states.items()},
             "stale_leases": result.stale,
             "undecodable": result.counter.undecodable,
+            "foreign": result.counter.foreign,
             "scanned": result.counter.scanned,
+            "eviction": None if policies is None else [{
+                "server": policy.server, "maxmemory": policy.maxmemory,
+                "maxmemory_policy": policy.policy, "evicted_keys": policy.evicted_keys,
+                "may_evict_records": policy.evicts, "source": policy.source}
+                for policy in policies],
+            "eviction_unknown": policy_problem,
             "oldest": None if oldest is None else {
                 "key": oldest.key, "scope": oldest.scope, "state": oldest.state.value,
                 "created": render.iso(oldest.created_ms),
@@ -183,17 +198,35 @@ def stats(ctx: click.Context, scopes: tuple[str, ...], progress: bool | None,
         lines.append(f"  {state.value:<10} {count}{extra}")
     if result.counter.undecodable:
         lines.append(f"undecodable: {result.counter.undecodable}")
+    if result.counter.foreign:
+        lines.append(f"foreign:     {result.counter.foreign} (keys under the prefix that are "
+                     "not records of celery-idempotency)")
+    lines.extend(_eviction_lines(policies, policy_problem))
     if oldest is not None:
-        lines.append(f"oldest:      {render.printable(oldest.key)!r} "
-                     f"(scope {render.printable(oldest.scope)!r}, {oldest.state.value}), "
+        lines.append(f"oldest:      '{shown(oldest.key)}' "
+                     f"(scope '{shown(oldest.scope)}', {oldest.state.value}), "
                      f"created {render.ago(oldest.created_ms, now)}")
     if result.memory_bytes is not None:
         lines.append(f"memory:      ~{render.size_text(result.memory_bytes)} (MEMORY USAGE of "
                      f"{render.plural(len(result.sample), 'sampled record')} x {result.total})")
     lines.append(f"scanned:     {render.plural(result.counter.scanned, 'record')} in "
                  f"{elapsed:.1f}s")
-    click.echo("\n".join(lines))
+    click.echo(safe_text("\n".join(lines)))
     _warn_undecodable(result.counter)
+
+
+def _eviction_lines(policies: list[MemoryPolicy] | None, problem: str | None) -> list[str]:
+    """What each server does when full, and how many keys it has evicted (since its start)."""
+    if problem is not None:
+        return [f"eviction:    unknown: {shown(problem)}"]
+    lines = []
+    for policy in policies or ():
+        limit = render.size_text(policy.maxmemory) if policy.maxmemory else "0 (no limit)"
+        evicted = "?" if policy.evicted_keys is None else str(policy.evicted_keys)
+        warning = "  MAY EVICT RECORDS" if policy.evicts else ""
+        lines.append(f"eviction:    {shown(policy.server)}: maxmemory-policy {policy.policy}, "
+                     f"maxmemory {limit}, evicted_keys {evicted}{warning}")
+    return lines
 
 
 @click.command("release")
@@ -217,16 +250,17 @@ def release(ctx: click.Context, key: str, scope: str | None, force: bool, as_jso
     assert record is not None  # located entries are decoded
     now = store.now_ms()
     outcome = query.release(store, record, now, force=force)
-    name = f"key {render.printable(record.key)!r} (scope {render.printable(record.scope)!r})"
+    name = f"key '{shown(record.key)}' (scope '{shown(record.scope)}')"
     status = query.ReleaseStatus
     if outcome.status is status.LIVE_CLAIM:
         left = format_duration((record.lease_expires_ms or 0) - now)
-        raise Refused(f"refusing to release {name}: task {record.task_id} holds a live claim "
-                       f"(owner {record.owner}, lease expires in {left}); a worker is running "
+        raise Refused(f"refusing to release {name}: task {shown(record.task_id)} holds a live "
+                       f"claim (owner {shown(record.owner or '-')}, lease expires in {left}); a "
+                       "worker is running "
                        "it. Use --force to release it anyway (the task may then run twice).")
     if outcome.status is status.HAS_RESULT:
         raise Refused(f"refusing to release {name}: it holds the cached result of task "
-                       f"{record.task_id}; releasing it lets the next publish run the task "
+                       f"{shown(record.task_id)}; releasing it lets the next publish run the task "
                        "again. Use --force to release it anyway.")
     if outcome.status is status.GONE:
         raise NotFound(f"{name} disappeared while being released (expired, or released by "
@@ -235,7 +269,8 @@ def release(ctx: click.Context, key: str, scope: str | None, force: bool, as_jso
         current = outcome.now
         state = current.state.value if current else "?"
         raise Refused(f"{name} changed after it was read (it is now {state}, task "
-                       f"{current.task_id if current else '?'}); nothing released. Look again "
+                       f"{shown(current.task_id) if current else '?'}); nothing released. Look "
+                       "again "
                        "with `show`.")
     stale = record.lease_expired(now)
     if as_json:
@@ -245,7 +280,7 @@ def release(ctx: click.Context, key: str, scope: str | None, force: bool, as_jso
             "forced": force}))
     else:
         what = "a stale claim" if stale else record.state.value
-        click.echo(f"released {name}: it was {what} (task {record.task_id})")
+        click.echo(f"released {name}: it was {what} (task {shown(record.task_id)})")
 
 
 @click.command("purge")
@@ -294,7 +329,8 @@ def purge(ctx: click.Context, states: tuple[str, ...], older_than: int, scopes: 
         click.echo(render.json_document({
             "dry_run": dry_run, "matched": outcome.matched, "deleted": outcome.deleted,
             "changed": outcome.changed, "skipped_live": outcome.live,
-            "undecodable": outcome.counter.undecodable, "scanned": outcome.counter.scanned}))
+            "undecodable": outcome.counter.undecodable, "foreign": outcome.counter.foreign,
+            "scanned": outcome.counter.scanned}))
     else:
         if dry_run:
             message = f"would delete {render.plural(outcome.matched, 'record')} (dry run)"

@@ -48,7 +48,8 @@ def idempotency(ctx: click.Context, /, store_url: str | None, prefix: str | None
 
 @click.group("celery-idempotency", cls=IdempotencyGroup)
 @click.option("--store-url", envvar="IDEMPOTENCY_STORE_URL", required=True, metavar="URL",
-              help="redis://, rediss://, unix:// (env: IDEMPOTENCY_STORE_URL).")
+              help="redis://, rediss://, unix://, redis[s]+sentinel://, redis[s]+cluster:// "
+                   "(env: IDEMPOTENCY_STORE_URL).")
 @click.option("--prefix", envvar="IDEMPOTENCY_KEY_PREFIX", default="idem:", show_default=True,
               help="The idempotency_key_prefix of the app (env: IDEMPOTENCY_KEY_PREFIX).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=2.0,

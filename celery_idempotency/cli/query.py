@@ -9,9 +9,14 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import redis
+from redis.exceptions import RedisClusterException
+
 from ..keys import RecordRef
 from ..records import KeyState, Record
-from ..store import Entry, KeyStore
+from ..store import Entry, KeyStore, RedisKeyStore
+from ..store.eviction import MemoryPolicy, PolicyUnknown, read_policies
+from .terminal import shown
 
 MEMORY_SAMPLES = 200
 
@@ -34,11 +39,16 @@ class Filter:
 
 @dataclass
 class ScanCounter:
-    """What a scan went through besides the records it yielded."""
+    """What a scan went through besides the records it yielded: keys under the prefix that
+    are not records of ours (``foreign``: another type, a hash without our fields) and records
+    that cannot be decoded (``undecodable``, also key names that are not UTF-8). Counted, never
+    skipped silently."""
 
     scanned: int = 0
     undecodable: int = 0
+    foreign: int = 0
     first_error: str | None = None
+    first_foreign: str | None = None
 
 
 def records(store: KeyStore, wanted: Filter, now_ms: int, counter: ScanCounter,
@@ -49,9 +59,14 @@ def records(store: KeyStore, wanted: Filter, now_ms: int, counter: ScanCounter,
         if on_scanned is not None:
             on_scanned(counter.scanned)
         if entry.record is None:
-            counter.undecodable += 1
-            if counter.first_error is None:
-                counter.first_error = str(entry.error)
+            if entry.foreign:
+                counter.foreign += 1
+                if counter.first_foreign is None:
+                    counter.first_foreign = str(entry.error)
+            else:
+                counter.undecodable += 1
+                if counter.first_error is None:
+                    counter.first_error = str(entry.error)
             continue
         if wanted(entry.record, now_ms):
             yield entry
@@ -59,14 +74,15 @@ def records(store: KeyStore, wanted: Filter, now_ms: int, counter: ScanCounter,
 
 class KeyNotFound(LookupError):
     def __init__(self, key: str, scope: str | None) -> None:
-        where = f"in scope {scope!r}" if scope is not None else "in any scope"
-        super().__init__(f"no record for key {key!r} {where}")
+        where = f"in scope '{shown(scope)}'" if scope is not None else "in any scope"
+        super().__init__(f"no record for key '{shown(key)}' {where}")
 
 
 class AmbiguousKey(LookupError):
     def __init__(self, key: str, scopes: Sequence[str]) -> None:
-        super().__init__(f"key {key!r} exists in {len(scopes)} scopes ({', '.join(scopes)}); "
-                         "say which with --scope")
+        super().__init__(f"key '{shown(key)}' exists in {len(scopes)} scopes "
+                         f"({', '.join(shown(scope) for scope in scopes)}); say which with "
+                         "--scope")
         self.scopes = list(scopes)
 
 
@@ -130,6 +146,19 @@ def collect_stats(store: KeyStore, wanted: Filter, now_ms: int, *,
     if sizes:
         stats.memory_bytes = round(sum(sizes) / len(sizes) * stats.total)
     return stats
+
+
+def memory_policies(store: KeyStore) -> tuple[list[MemoryPolicy] | None, str | None]:
+    """(maxmemory, policy and evicted_keys of each server holding records, or why unknown).
+    ``(None, None)`` for the memory store, which never evicts."""
+    if not isinstance(store, RedisKeyStore):
+        return None, None
+    try:
+        return read_policies(store.client, with_evictions=True), None
+    except PolicyUnknown as exc:
+        return None, f"CONFIG GET and INFO denied ({exc})"
+    except (redis.RedisError, RedisClusterException) as exc:  # the counts are still worth showing
+        return None, str(exc)
 
 
 # -- release ---------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from ..outcomes import decode_result
 from ..records import JSON_CONTENT_TYPE, KeyState, Record, ResultStatus
 from ..store import Entry
 from .durations import format_duration
+from .terminal import json_safe, safe_text, shown
 
 TABLE_COLUMNS = ("STATE", "AGE", "LEASE", "TTL", "TASK ID", "SCOPE", "KEY")
 _WIDTH_ROWS = 100  # rows buffered to size the table's columns: constant memory
@@ -34,7 +35,7 @@ def seconds(ms: int | None) -> float | None:
 
 def printable(text: str) -> str:
     """Keys come from clients: never let one move the cursor or clear the terminal."""
-    return text if text.isprintable() else repr(text)[1:-1]
+    return shown(text)
 
 
 def lease_text(record: Record, now_ms: int) -> str:
@@ -78,7 +79,7 @@ def row(entry: Entry, now_ms: int) -> tuple[str, ...]:
     assert record is not None
     age = format_duration(now_ms - record.created_ms) if record.created_ms else "?"
     return (record.state.value, age, lease_text(record, now_ms), ttl_text(entry.ttl_ms),
-            record.task_id, printable(record.scope), printable(record.key))
+            shown(record.task_id), shown(record.scope), shown(record.key))
 
 
 class Table:
@@ -115,7 +116,7 @@ class Table:
 
     def _write(self, cells: tuple[str, ...]) -> None:
         padded = [cell.ljust(width) for cell, width in zip(cells[:-1], self._widths, strict=False)]
-        click.echo("  ".join([*padded, cells[-1]]), file=self.out)
+        click.echo(safe_text("  ".join([*padded, cells[-1]])), file=self.out)
 
 
 def plural(count: int, noun: str) -> str:
@@ -123,11 +124,12 @@ def plural(count: int, noun: str) -> str:
 
 
 def json_line(document: Any) -> str:
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+    """One line of JSON: raw data, every non-printable character escaped (see terminal)."""
+    return json_safe(json.dumps(document, ensure_ascii=False, separators=(",", ":")))
 
 
 def json_document(document: Any) -> str:
-    return json.dumps(document, ensure_ascii=False, indent=2)
+    return json_safe(json.dumps(document, ensure_ascii=False, indent=2))
 
 
 # -- show ----------------------------------------------------------------------------------------
@@ -179,8 +181,8 @@ def show_text(entry: Entry, now_ms: int) -> str:
     record = entry.record
     assert record is not None
     lines: list[tuple[str, str]] = [
-        ("key", printable(record.key)),
-        ("scope", printable(record.scope)),
+        ("key", shown(record.key)),
+        ("scope", shown(record.scope)),
         ("state", record.state.value),
     ]
     if record.state is KeyState.STARTED:
@@ -191,26 +193,28 @@ def show_text(entry: Entry, now_ms: int) -> str:
             lease = f"alive until {ago(record.lease_expires_ms, now_ms)}"
         lines.append(("lease", lease))
     lines += [
-        ("task id", record.task_id),
-        ("task name", record.task_name or "-"),
-        ("owner", record.owner or "-"),
+        ("task id", shown(record.task_id)),
+        ("task name", shown(record.task_name) or "-"),
+        ("owner", shown(record.owner or "-")),
         ("fence", str(record.fence)),
-        ("fingerprint", record.fingerprint),
+        ("fingerprint", shown(record.fingerprint)),
         ("created", ago(record.created_ms, now_ms)),
         ("updated", ago(record.updated_ms, now_ms)),
         ("ttl", ttl_text(entry.ttl_ms)),
     ]
     if record.state is KeyState.SUCCEEDED:
         result, note = result_of(record)
-        shown = note if note is not None else json.dumps(result, ensure_ascii=False, indent=2)
-        lines.append(("result", shown.replace("\n", "\n" + " " * 13)))
+        text = (shown(note) if note is not None
+                else json_safe(json.dumps(result, ensure_ascii=False, indent=2)))
+        lines.append(("result", text.replace("\n", "\n" + " " * 13)))
     if record.error is not None:
         error = record.error
-        lines.append(("error", f"{error.get('type', '?')}: {error.get('message', '')}"))
+        lines.append(("error", f"{shown(str(error.get('type', '?')))}: "
+                               f"{shown(str(error.get('message', '')))}"))
         lines.append(("retryable", "yes (the next publish runs the task again)"
                       if record.retryable else "no (replayed to every duplicate)"))
-    lines.append(("store key", record.store_key))
-    return "\n".join(f"{label + ':':<13}{value}" for label, value in lines)
+    lines.append(("store key", shown(record.store_key)))
+    return safe_text("\n".join(f"{label + ':':<13}{value}" for label, value in lines))
 
 
 # -- stats ---------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ or a record that cannot be read); 4 refused (a live claim or a cached result wit
 
 from __future__ import annotations
 
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -17,8 +16,16 @@ import click
 import redis
 
 from ..config import resolve
-from ..exceptions import ConfigurationError, CorruptRecord, IdempotencyError, StoreUnavailable
+from ..exceptions import (
+    ConfigurationError,
+    CorruptRecord,
+    IdempotencyError,
+    StoreMisconfigured,
+    StoreUnavailable,
+)
+from ..redact import redact, redact_url
 from ..store import KeyStore, open_store, store_for_app
+from .terminal import safe_text
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -35,7 +42,8 @@ class CliError(click.ClickException):
     exit_code = EXIT_STORE
 
     def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"Error: {self.format_message()}", err=True)
+        # Messages quote store-originated text (keys, scopes, server replies): escaped.
+        click.echo(safe_text(f"Error: {self.format_message()}"), err=True)
 
 
 class NotFound(CliError):
@@ -52,19 +60,6 @@ class StoreProblem(CliError):
 
 class Refused(CliError):
     exit_code = EXIT_REFUSED
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url
-    if not password:
-        return url
-    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass
@@ -131,10 +126,23 @@ class Session:
 
 def translate(exc: Exception, session: Session | None) -> CliError:
     """A store or configuration error as a message naming the store, and its exit code."""
+    error = _translate(exc, session)
+    # Every message may quote the URL (or a library's error that does): one redaction.
+    return type(error)(redact(error.message, session.url if session is not None else None))
+
+
+def _translate(exc: Exception, session: Session | None) -> CliError:
     where = f" at {session.shown_url}" if session is not None else ""
     if isinstance(exc, StoreUnavailable):
-        reason = exc.__cause__ or exc.message
-        return StoreProblem(f"cannot reach the idempotency store{where}: {reason}")
+        cause = exc.__cause__
+        if cause is None or isinstance(cause, (redis.ConnectionError, redis.TimeoutError)):
+            return StoreProblem(f"cannot reach the idempotency store{where}: "
+                                f"{cause or exc.message}")
+        # An error reply that means "not now" (READONLY, OOM, BUSY...): say which.
+        reply = exc.message.partition(": ")[2] or exc.message
+        return StoreProblem(f"the idempotency store{where} is unavailable: {reply}")
+    if isinstance(exc, StoreMisconfigured):
+        return StoreProblem(f"the idempotency store{where} refuses for good: {exc.message}")
     if isinstance(exc, ConfigurationError):
         return UsageProblem(exc.message)
     if isinstance(exc, CorruptRecord):

@@ -15,6 +15,7 @@ from .base import (
     ReserveStatus,
     ResultPayload,
 )
+from .eviction import eviction_guard
 from .memory import MemoryKeyStore
 from .redis import RedisKeyStore
 
@@ -47,12 +48,21 @@ _stores: weakref.WeakKeyDictionary[Any, dict[tuple[str, str, float], KeyStore]] 
 _stores_lock = threading.Lock()
 
 
-def store_for_app(app: Any, url: str, *, prefix: str, timeout: float) -> KeyStore:
-    """The app's store for these settings, opened on first use and then shared by its tasks."""
+def store_for_app(app: Any, url: str, *, prefix: str, timeout: float,
+                  allow_evicting: bool | None = None) -> KeyStore:
+    """The app's store for these settings, opened on first use and then shared by its tasks.
+
+    ``allow_evicting`` (``idempotency_allow_evicting_store``): ``False`` refuses a store that
+    may evict records with `StoreMisconfigured`, ``True`` accepts it with a warning; checked
+    once per store (see `eviction`). ``None`` skips the check: reading records (the CLI, a
+    result lookup) is safe on any store, and the CLI must be able to inspect one it refuses.
+    """
     cache_key = (url, prefix, timeout)
     with _stores_lock:
         per_app = _stores.setdefault(app, {})
         store = per_app.get(cache_key)
         if store is None:
             store = per_app[cache_key] = open_store(url, prefix=prefix, timeout=timeout)
-        return store
+    if allow_evicting is not None:
+        eviction_guard.check(store, allow_evicting=allow_evicting)
+    return store

@@ -1,8 +1,20 @@
 """The key store interface: one method per state transition, each atomic and owner-checked.
 
 Implementations: `RedisKeyStore` (one Lua script per transition) and `MemoryKeyStore` (one lock).
-Both pass the same contract suite (``tests/store``). Times are the store's own clock (Redis
-``TIME``), never the caller's, so that workers with skewed clocks agree on lease expiry.
+Both pass the same contract suite (``tests/store``) and a differential property test that
+drives them side by side. Times are the store's own clock (Redis ``TIME``), never the
+caller's, so that workers with skewed clocks agree on lease expiry.
+
+Invariants every transition keeps (``tests/store/test_state_machine.py``):
+
+* a ``started`` record lives at least as long as its lease (claim and renew lengthen the TTL);
+* a ``pending`` record has a deadline (``pending_deadline_ms``) and lives at least until then;
+* ``succeeded`` and ``failed`` records live ``ttl_ms``; so no record is left without a way out;
+* every write but ``reserve``/``claim`` is owner-checked: a non-owner's write changes nothing;
+* a claim's fence is above every fence handed out for the key before, also after the record
+  was deleted, expired or evicted: ``max(last fence + 1, store clock in µs)``. Across a
+  deletion this relies on the store's clock not stepping back by more than the time between
+  the two claims.
 """
 
 from __future__ import annotations
@@ -14,7 +26,7 @@ from dataclasses import dataclass
 
 from ..exceptions import CorruptRecord, IdempotencyKeyMismatch, OwnershipLost
 from ..keys import RecordRef
-from ..records import Record, decode_record
+from ..records import F_STATE, Record, decode_record
 
 
 class ReserveStatus(str, enum.Enum):
@@ -42,7 +54,9 @@ class Reservation:
 @dataclass(frozen=True)
 class Claim:
     status: ClaimStatus
-    fence: int = 0  # fencing counter of this claim, for CLAIMED and TAKEN_OVER
+    # Fencing token of this claim, for CLAIMED and TAKEN_OVER: strictly greater than every
+    # fence handed out for the key before (see the module docstring for the exact promise).
+    fence: int = 0
     record: Record | None = None  # the record as found, for BUSY, SUCCEEDED and FAILED
     previous_task_id: str | None = None  # for TAKEN_OVER
 
@@ -52,13 +66,16 @@ class Entry:
     """A record as an operator sees it (the CLI): decoded, or why it cannot be, and its TTL.
 
     Exactly one of ``record`` and ``error`` is set. ``ttl_ms`` is the time the record has left
-    to live, ``None`` if it never expires.
+    to live, ``None`` if it never expires. ``foreign``: with ``error``, the key under the prefix
+    is not a record of this library at all (another type, or a hash without a state field),
+    rather than a record of ours that cannot be decoded.
     """
 
     store_key: str
     record: Record | None
     error: CorruptRecord | None
     ttl_ms: int | None
+    foreign: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,7 +97,8 @@ class KeyStore(abc.ABC):
         """Publish time: create a ``pending`` record, or report the existing one.
 
         A reservation not claimed within ``pending_ms`` is taken to have lost its message and
-        is reserved anew (``replaced_task_id``).
+        is reserved anew (``replaced_task_id``). The record lives ``max(ttl_ms, pending_ms)``:
+        callers add a countdown/eta to both.
 
         Raises `IdempotencyKeyMismatch` when the key exists with another fingerprint.
         """
@@ -92,7 +110,8 @@ class KeyStore(abc.ABC):
     @abc.abstractmethod
     def claim(self, ref: RecordRef, *, task_id: str, owner: str, fingerprint: str,
               task_name: str, lease_ms: int, ttl_ms: int) -> Claim:
-        """Execution time: take the key (``started``, owner token, lease) or report why not."""
+        """Execution time: take the key (``started``, owner token, lease, new fence) or report
+        why not. The record then lives ``max(ttl_ms, lease_ms)``."""
 
     @abc.abstractmethod
     def complete(self, ref: RecordRef, *, owner: str, result: ResultPayload,
@@ -105,15 +124,20 @@ class KeyStore(abc.ABC):
         """``started`` -> ``failed`` with the error (JSON). Raises `OwnershipLost`."""
 
     @abc.abstractmethod
-    def release(self, ref: RecordRef, *, owner: str, ttl_ms: int | None = None) -> bool:
-        """``started`` -> ``pending``, same task id (a retry, or a claim given up).
+    def release(self, ref: RecordRef, *, owner: str, pending_ms: int,
+                ttl_ms: int | None = None) -> bool:
+        """``started`` -> ``pending``, same task id (a retry, or a claim given up for a
+        requeued message), with a pending deadline ``pending_ms`` from now: should the message
+        never come, the next publish after it runs the task.
 
-        ``ttl_ms`` resets the record's TTL (a retry's countdown must fit in it).
+        ``ttl_ms`` resets the record's TTL (a retry's countdown must fit in it); either way the
+        record lives at least until the deadline.
         """
 
     @abc.abstractmethod
     def renew(self, ref: RecordRef, *, owner: str, lease_ms: int) -> bool:
-        """Extend the lease of a claim we still own."""
+        """Extend the lease of a claim we still own, and the record's TTL to at least the
+        lease (never shortened): a task may run longer than ``idempotency_ttl``."""
 
     @abc.abstractmethod
     def discard(self, ref: RecordRef, *, owner: str) -> bool:
@@ -121,11 +145,12 @@ class KeyStore(abc.ABC):
 
     @abc.abstractmethod
     def abandon(self, ref: RecordRef, *, task_id: str, owner_prefix: str, requeued: bool,
-                error: str, ttl_ms: int) -> bool:
+                error: str, ttl_ms: int, pending_ms: int) -> bool:
         """Worker main process: give up the claim of a task whose child died or that was
         revoked. Matches ``task_id`` and, for a started record, the owner prefix of the dead
-        child (see `owner_prefix`). ``requeued``: back to ``pending`` for the redelivery;
-        otherwise ``failed`` (retryable) with ``error``, since no message will run it."""
+        child (see `owner_prefix`). ``requeued``: back to ``pending`` for the redelivery, with
+        a deadline ``pending_ms`` from now; otherwise ``failed`` (retryable) with ``error`` and
+        TTL ``ttl_ms``, since no message will run it."""
 
     @abc.abstractmethod
     def delete_if_unchanged(self, record: Record) -> bool:
@@ -201,5 +226,12 @@ def make_entry(store_key: str, fields: Mapping[str, bytes], ttl_ms: int | None) 
     try:
         record = decode_record(store_key, fields)
     except CorruptRecord as exc:
-        return Entry(store_key, None, exc, ttl_ms)
+        return Entry(store_key, None, exc, ttl_ms, foreign=F_STATE not in fields)
     return None if record is None else Entry(store_key, record, None, ttl_ms)
+
+
+def foreign_entry(store_key: str, ttl_ms: int | None, what: str) -> Entry:
+    """A key under the prefix that is not one of our records (``what`` it is instead)."""
+    return Entry(store_key, None, CorruptRecord(
+        f"{store_key!r} is not a record of celery-idempotency ({what}); something else writes "
+        "under the key prefix", key=store_key), ttl_ms, foreign=True)

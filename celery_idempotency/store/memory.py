@@ -1,16 +1,20 @@
 """`MemoryKeyStore`: the same state machine in one process, under one lock.
 
-For tests, eager mode, the demo and single-process workers (solo or threads pool). Records are
+For tests, eager mode, the demo, and a solo/threads worker whose publisher runs in the same
+process: it deduplicates among one process's publishes and executions only. Records are
 kept in the same field layout as in Redis so that `decode_record` serves both; each method
-mirrors its Lua script in ``store/lua`` line by line, and the contract suite holds them equal.
-A prefork worker's children do not share it: use Redis there.
+mirrors its Lua script in ``store/lua`` line by line: same fields, same TTLs, same replies. The
+contract suite and a differential property test (``tests/store/test_state_machine.py``, both
+stores driven through the same random histories) hold them equal.
+A prefork worker's children would each have their own copy: such a worker is refused at start
+(see pool_check.py).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from ..keys import RecordRef
 from ..records import F_RESULT, Record, decode_record
@@ -38,14 +42,18 @@ def _b(value: object) -> bytes:
 class MemoryKeyStore(KeyStore):
     """In-process store with Redis semantics: TTLs, leases and owner checks included."""
 
-    def __init__(self, *, prefix: str = "idem:") -> None:
+    def __init__(self, *, prefix: str = "idem:",
+                 clock_us: Callable[[], int] | None = None) -> None:
+        """``clock_us``: the store's clock in µs since the epoch (tests step it; default: the
+        system clock), the memory store's equivalent of Redis ``TIME``."""
         self.prefix = prefix
+        self._clock_us = clock_us or (lambda: time.time_ns() // 1000)
         self._lock = threading.Lock()
         self._records: dict[str, Fields] = {}
         self._expires: dict[str, int] = {}
 
     def now_ms(self) -> int:
-        return int(time.time() * 1000)
+        return self._clock_us() // 1000
 
     def name_of(self, ref: RecordRef) -> str:
         return ref.store_name(self.prefix)
@@ -59,6 +67,12 @@ class MemoryKeyStore(KeyStore):
 
     def _expire(self, name: str, ttl_ms: int, now: int) -> None:
         self._expires[name] = now + int(ttl_ms)
+
+    def _expire_at_least(self, name: str, ttl_ms: int, now: int) -> None:
+        """Lengthen the TTL to at least ``ttl_ms``, never shorten it (``expire_at_least``)."""
+        expires = self._expires.get(name)
+        if expires is None or expires - now < int(ttl_ms):
+            self._expire(name, ttl_ms, now)
 
     def _delete(self, name: str) -> None:
         self._records.pop(name, None)
@@ -89,6 +103,7 @@ class MemoryKeyStore(KeyStore):
                     replaced = fields["t"].decode("utf-8")
                     fields.update({"t": _b(task_id), "pd": _b(now + int(pending_ms)),
                                    "u": _b(now)})
+                    self._expire_at_least(name, max(int(ttl_ms), int(pending_ms)), now)
                     return Reservation(ReserveStatus.RESERVED, replaced_task_id=replaced)
                 if state == b"started" and not self._lease_alive(fields, now):
                     return Reservation(ReserveStatus.STALE, record)
@@ -102,7 +117,7 @@ class MemoryKeyStore(KeyStore):
             if task_name != ref.scope:  # kept only when it is not the scope (the default)
                 fields["n"] = _b(task_name)
             self._records[name] = fields
-            self._expire(name, ttl_ms, now)
+            self._expire(name, max(int(ttl_ms), int(pending_ms)), now)
             return Reservation(ReserveStatus.RESERVED)
 
     def _discard_if(self, ref: RecordRef, conditions: Mapping[str, str]) -> bool:
@@ -121,7 +136,7 @@ class MemoryKeyStore(KeyStore):
         return self._discard_if(ref, {"o": owner, "st": "started"})
 
     def abandon(self, ref: RecordRef, *, task_id: str, owner_prefix: str, requeued: bool,
-                error: str, ttl_ms: int) -> bool:
+                error: str, ttl_ms: int, pending_ms: int) -> bool:
         name = self.name_of(ref)
         with self._lock:
             now = self.now_ms()
@@ -135,8 +150,10 @@ class MemoryKeyStore(KeyStore):
             elif fields["st"] != b"pending":
                 return False
             fields.pop("l", None)
+            fields.pop("pd", None)
             if requeued:
-                fields.update({"st": b"pending", "u": _b(now)})
+                fields.update({"st": b"pending", "u": _b(now), "pd": _b(now + int(pending_ms))})
+                self._expire_at_least(name, pending_ms, now)
             else:
                 fields.update({"st": b"failed", "e": _b(error), "ry": b"1", "u": _b(now)})
                 self._expire(name, ttl_ms, now)
@@ -149,17 +166,19 @@ class MemoryKeyStore(KeyStore):
               task_name: str, lease_ms: int, ttl_ms: int) -> Claim:
         name = self.name_of(ref)
         with self._lock:
-            now = self.now_ms()
+            now_us = self._clock_us()
+            now = now_us // 1000
             fields = self._live(name, now)
 
             def take(status: ClaimStatus, fields: Fields) -> Claim:
                 previous = fields.get("t", b"").decode("utf-8")
-                fence = int(fields.get("f", b"0")) + 1
+                # Above the last fence, never below the clock in µs: monotonic across deletion.
+                fence = max(int(fields.get("f", b"0")) + 1, now_us)
                 for gone in ("r", "ct", "ce", "rs", "e", "ry", "pd"):
                     fields.pop(gone, None)
                 fields.update({"st": b"started", "t": _b(task_id), "o": _b(owner),
                                "l": _b(now + int(lease_ms)), "u": _b(now), "f": _b(fence)})
-                self._expire(name, ttl_ms, now)
+                self._expire(name, max(int(ttl_ms), int(lease_ms)), now)
                 return Claim(status, fence=fence, previous_task_id=previous or None)
 
             if fields is None:
@@ -176,8 +195,11 @@ class MemoryKeyStore(KeyStore):
             if state == b"pending":
                 return take(ClaimStatus.CLAIMED, fields)
             if state == b"started":
-                if fields.get("o") == _b(owner):
-                    return Claim(ClaimStatus.CLAIMED, fence=int(fields.get("f", b"0")))
+                if fields.get("o") == _b(owner):  # our own claim, asked again: lease from now
+                    fields["l"] = _b(now + int(lease_ms))
+                    self._expire(name, max(int(ttl_ms), int(lease_ms)), now)
+                    return Claim(ClaimStatus.CLAIMED, fence=int(fields.get("f", b"0")),
+                                 previous_task_id=fields["t"].decode("utf-8") or None)
                 if self._lease_alive(fields, now):
                     return Claim(ClaimStatus.BUSY, record=record)
                 return take(ClaimStatus.TAKEN_OVER, fields)
@@ -219,7 +241,8 @@ class MemoryKeyStore(KeyStore):
         updates = {"e": _b(error), "ry": b"1" if retryable else b"0"}
         self._finish(ref, owner, b"failed", updates, ttl_ms, "fail")
 
-    def release(self, ref: RecordRef, *, owner: str, ttl_ms: int | None = None) -> bool:
+    def release(self, ref: RecordRef, *, owner: str, pending_ms: int,
+                ttl_ms: int | None = None) -> bool:
         name = self.name_of(ref)
         with self._lock:
             now = self.now_ms()
@@ -231,9 +254,11 @@ class MemoryKeyStore(KeyStore):
             if fields["st"] != b"started":
                 return False
             fields.pop("l", None)
-            fields.update({"st": b"pending", "u": _b(now)})
+            fields.update({"st": b"pending", "u": _b(now), "pd": _b(now + int(pending_ms))})
             if ttl_ms is not None:
-                self._expire(name, ttl_ms, now)
+                self._expire(name, max(int(ttl_ms), int(pending_ms)), now)
+            else:
+                self._expire_at_least(name, pending_ms, now)
             return True
 
     def renew(self, ref: RecordRef, *, owner: str, lease_ms: int) -> bool:
@@ -244,6 +269,7 @@ class MemoryKeyStore(KeyStore):
             if fields is None or fields.get("o") != _b(owner) or fields["st"] != b"started":
                 return False
             fields["l"] = _b(now + int(lease_ms))
+            self._expire_at_least(name, lease_ms, now)
             return True
 
     def get(self, ref: RecordRef) -> Record | None:

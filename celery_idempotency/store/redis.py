@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 import redis
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
-from redis.exceptions import ClusterError, TryAgainError
+from redis.exceptions import RedisClusterException
 
-from ..exceptions import CorruptRecord, StoreUnavailable
+from ..exceptions import CorruptRecord
 from ..keys import RecordRef
 from ..records import ALL_FIELDS, F_RESULT, Record, decode_record, fields_from_flat
 from .base import (
@@ -27,16 +27,18 @@ from .base import (
     Reservation,
     ReserveStatus,
     ResultPayload,
+    foreign_entry,
     make_entry,
     mismatch_error,
     ownership_lost_error,
     unchanged_conditions,
 )
 from .connect import redis_client
+from .errors import Fault, classify, corrupt_record, reply_text, script_failed, store_error
 
 _SCRIPTS = ("reserve", "discard", "claim", "complete", "fail", "release", "renew", "abandon")
-# ClusterDownError and TryAgainError (slots moving, a primary lost) mean "not now" too.
-_CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, ClusterError, TryAgainError)
+# Every failure of a call to Redis; store/errors.py says what each one means.
+_REDIS_ERRORS = (redis.RedisError, RedisClusterException)
 
 T = TypeVar("T")
 
@@ -81,11 +83,28 @@ class RedisKeyStore(KeyStore):
         return ref.store_name(self.prefix)
 
     def _call(self, ref: RecordRef | None, action: Callable[..., T], *args: Any) -> T:
+        """Run one call; a failure becomes `StoreUnavailable` (transient: connection errors
+        and "not now" replies), `StoreMisconfigured` or `CorruptRecord` (see errors.py)."""
         try:
             return action(*args)
-        except _CONNECTION_ERRORS as exc:
-            raise StoreUnavailable(f"idempotency store unreachable: {exc}",
-                                   key=ref.key if ref else None) from exc
+        except _REDIS_ERRORS as exc:
+            raise self._error(exc, ref) from exc
+
+    def _error(self, exc: BaseException, ref: RecordRef | None) -> Exception:
+        store_key = self.name_of(ref) if ref is not None else None
+        error = store_error(exc, key=ref.key if ref else None, store_key=store_key,
+                            prefix=self.prefix)
+        if ref is not None and classify(exc) is Fault.SCRIPT_RUNTIME:
+            # A script failed on the record's fields (a hand-edited lease, say): name the
+            # field if the record does not decode. Only after an error: no cost otherwise.
+            try:
+                self.get(ref)
+            except CorruptRecord as precise:
+                return precise
+            except Exception:  # the first error is the one to report
+                return error
+            return script_failed(store_key or "", reply_text(exc))
+        return error
 
     def _run(self, name: str, ref: RecordRef, args: Sequence[Any]) -> Any:
         script = self._scripts[name]
@@ -145,8 +164,10 @@ class RedisKeyStore(KeyStore):
         if _text(reply[0]) != "ok":
             raise ownership_lost_error(ref, owner, self._record(ref, reply[1:]), action)
 
-    def release(self, ref: RecordRef, *, owner: str, ttl_ms: int | None = None) -> bool:
-        return bool(self._run("release", ref, [owner, "" if ttl_ms is None else ttl_ms]))
+    def release(self, ref: RecordRef, *, owner: str, pending_ms: int,
+                ttl_ms: int | None = None) -> bool:
+        return bool(self._run("release", ref, [owner, "" if ttl_ms is None else ttl_ms,
+                                               pending_ms]))
 
     def renew(self, ref: RecordRef, *, owner: str, lease_ms: int) -> bool:
         return bool(self._run("renew", ref, [owner, lease_ms]))
@@ -155,10 +176,10 @@ class RedisKeyStore(KeyStore):
         return self._discard_if(ref, {"o": owner, "st": "started"})
 
     def abandon(self, ref: RecordRef, *, task_id: str, owner_prefix: str, requeued: bool,
-                error: str, ttl_ms: int) -> bool:
+                error: str, ttl_ms: int, pending_ms: int) -> bool:
         return bool(self._run("abandon", ref, [task_id, owner_prefix,
                                                "pending" if requeued else "failed", error,
-                                               ttl_ms]))
+                                               ttl_ms, pending_ms]))
 
     def delete_if_unchanged(self, record: Record) -> bool:
         return self._discard_if(RecordRef(record.scope, record.key), unchanged_conditions(record))
@@ -190,14 +211,23 @@ class RedisKeyStore(KeyStore):
             while True:
                 cursor, names = self._call(None, server.scan, cursor, self._scan_pattern(),
                                            batch)
-                if names:
-                    yield from self._read_entries([_text(name) for name in names], with_result,
-                                                  server)
+                readable = []
+                for name in names:
+                    try:
+                        readable.append(name.decode("utf-8") if isinstance(name, bytes)
+                                        else str(name))
+                    except UnicodeDecodeError:  # never one of ours: ours are UTF-8
+                        shown = name.decode("utf-8", "backslashreplace")
+                        yield Entry(shown, None, CorruptRecord(
+                            f"key '{shown}' under the prefix is not UTF-8 (bytes that are "
+                            "not shown as text are written \\xNN)", key=shown), None)
+                if readable:
+                    yield from self._read_entries(readable, with_result, server)
                 if int(cursor) == 0:
                     break
 
-    def _read_entries(self, names: Sequence[str], with_result: bool,
-                      server: Any = None) -> Iterator[Entry]:
+    def _read_entries(self, names: Sequence[str], with_result: bool, server: Any = None,
+                      ref: RecordRef | None = None) -> Iterator[Entry]:
         """Fields and TTLs of a batch of records in one round trip (pipelined, not atomic)."""
         pipe = (server or self.client).pipeline(transaction=False)
         for name in names:
@@ -206,12 +236,16 @@ class RedisKeyStore(KeyStore):
             else:
                 pipe.hmget(name, _LISTED_FIELDS)
             pipe.pttl(name)
-        replies = self._call(None, pipe.execute, False)  # raise_on_error=False
+        replies = self._call(ref, pipe.execute, False)  # raise_on_error=False
         for index, name in enumerate(names):
             reply, ttl = replies[2 * index], replies[2 * index + 1]
-            if isinstance(reply, Exception):  # e.g. WRONGTYPE: not a hash
-                error = CorruptRecord(f"record {name!r} cannot be read: {reply}", key=name)
-                yield Entry(name, None, error, None)
+            for failed in (reply, ttl):
+                # Only a record problem (WRONGTYPE: not a hash) is this entry's; a transient
+                # or permanent store error is the whole listing's.
+                if isinstance(failed, Exception) and classify(failed) is not Fault.CORRUPT:
+                    raise self._error(failed, ref) from failed
+            if isinstance(reply, Exception):  # WRONGTYPE: not a hash, so not ours
+                yield Entry(name, None, corrupt_record(name, str(reply)), None, foreign=True)
                 continue
             if with_result:
                 fields = _fields(reply)
@@ -219,17 +253,25 @@ class RedisKeyStore(KeyStore):
                 fields = {field: value for field, value in zip(_LISTED_FIELDS, reply, strict=True)
                           if value is not None}
             entry = make_entry(name, fields, _ttl(ttl))
-            if entry is not None:  # None: expired between SCAN and reading it
+            if entry is None and ttl != -2:  # -2: expired between SCAN and reading it
+                # It exists, but HMGET found none of our fields: a hash of someone else's.
+                entry = foreign_entry(name, _ttl(ttl), "a hash without its fields")
+            if entry is not None:
                 yield entry
 
     def entry(self, ref: RecordRef) -> Entry | None:
-        return next(self._read_entries([self.name_of(ref)], True), None)
+        return next(self._read_entries([self.name_of(ref)], True, ref=ref), None)
 
     def memory_usage(self, store_keys: Sequence[str]) -> list[int | None]:
         pipe = self.client.pipeline(transaction=False)
         for name in store_keys:
             pipe.memory_usage(name, samples=0)
-        replies = self._call(None, pipe.execute, False)  # an error (e.g. ACL) reads as unknown
+        replies = self._call(None, pipe.execute, False)
+        for reply in replies:
+            # A refusal for good (e.g. an ACL without MEMORY) reads as unknown; "not now" does
+            # not: the caller learns that the store is unavailable.
+            if isinstance(reply, Exception) and classify(reply) is Fault.TRANSIENT:
+                raise self._error(reply, None) from reply
         return [reply if isinstance(reply, int) else None for reply in replies]
 
     def ping(self) -> None:

@@ -8,6 +8,16 @@ long one):
     CHAOS_KILLS           SIGKILLs: whole worker process groups and single pool children (6)
     CHAOS_STORE_RESTARTS  restarts of the store's redis-server with its data (1)
     CHAOS_STORE_DOWNTIME  seconds the store stays down at each restart (1.0)
+    CHAOS_ERROR_REPLIES   error-reply faults: the store's primary refuses every write with
+                          NOREPLICAS (CONFIG SET min-replicas-to-write) for a while
+                          (default: as many as store restarts)
+    CHAOS_ERROR_SECONDS   how long each error-reply fault lasts (1.0)
+    CHAOS_FAILOVERS       Sentinel failovers of the store, in the Sentinel run (default: as
+                          many as store restarts)
+    CHAOS_FAILOVER_MODE   "coordinated" (default: writes paused until the replica has them,
+                          as Redis's FAILOVER command does) or "sentinel" (a plain SENTINEL
+                          FAILOVER: acknowledged writes to the old primary can be lost; the
+                          double executions they cause are counted apart)
     CHAOS_RATE            keys published per second (15)
     CHAOS_SEED            random seed (default: a new one, printed in the summary)
     CHAOS_SUMMARY_FILE    append each run's summary line to this file too
@@ -31,6 +41,7 @@ re-run that started before the previous execution's process was killed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -57,6 +68,7 @@ from celery_idempotency.result import accept_for
 from tests.chaos import chaos_app
 from tests.chaos.procs import children_of, group_members, wait_gone
 from tests.chaos.publisher import Entry, Published, run_schedule
+from tests.chaos.stores import SentinelStore, accept_writes, primary_of, refuse_writes
 from tests.support.services import RedisServer
 from tests.support.workers import ROOT, Worker
 
@@ -88,14 +100,34 @@ class Sizes:
     seed: int = 0
     workers: int = 2
     concurrency: int = 2
+    error_replies: int = 1
+    error_seconds: float = 1.0
+    failovers: int = 0
+    coordinated_failover: bool = True
 
     @classmethod
     def from_env(cls) -> Sizes:
+        mode = os.environ.get("CHAOS_FAILOVER_MODE") or "coordinated"
+        if mode not in ("coordinated", "sentinel"):
+            raise ValueError(f"CHAOS_FAILOVER_MODE must be coordinated or sentinel, not {mode!r}")
+        restarts = _env_int("CHAOS_STORE_RESTARTS", 1)
         return cls(tasks=_env_int("CHAOS_TASKS", 300), kills=_env_int("CHAOS_KILLS", 6),
-                   store_restarts=_env_int("CHAOS_STORE_RESTARTS", 1),
+                   store_restarts=restarts,
                    store_downtime=float(os.environ.get("CHAOS_STORE_DOWNTIME") or 1.0),
                    rate=float(os.environ.get("CHAOS_RATE") or 15.0),
-                   seed=_env_int("CHAOS_SEED", random.SystemRandom().randrange(10**9)))
+                   seed=_env_int("CHAOS_SEED", random.SystemRandom().randrange(10**9)),
+                   error_replies=_env_int("CHAOS_ERROR_REPLIES", restarts),
+                   error_seconds=float(os.environ.get("CHAOS_ERROR_SECONDS") or 1.0),
+                   failovers=_env_int("CHAOS_FAILOVERS", restarts),
+                   coordinated_failover=mode == "coordinated")
+
+    def for_sentinel(self) -> Sizes:
+        """The Sentinel run: failovers instead of restarts (a restarted primary would be
+        failed over by a real deployment; here the failovers are the test's own)."""
+        return dataclasses.replace(self, store_restarts=0)
+
+    def for_single_server(self) -> Sizes:
+        return dataclasses.replace(self, failovers=0)
 
     @property
     def publish_seconds(self) -> float:
@@ -153,6 +185,15 @@ class Report:
     kills: list[Kill] = field(default_factory=list)
     worker_restarts: int = 0
     store_restarts: list[tuple[float, float]] = field(default_factory=list)
+    error_replies: list[tuple[float, float]] = field(default_factory=list)
+    failovers: list[tuple[float, float]] = field(default_factory=list)
+    # Double executions whose executions straddle a plain (uncoordinated) failover: writes
+    # acknowledged by the old primary and lost with it. Counted apart, never hidden; always
+    # empty for a coordinated failover, where they stay double executions.
+    failover_losses: list[str] = field(default_factory=list)
+    # Keys whose record (written to the old primary of a plain failover) is gone, their task
+    # run once: a client retry would run it again. Counted apart from lost, never hidden.
+    failover_forgotten: list[str] = field(default_factory=list)
     executions: int = 0
     lost: list[str] = field(default_factory=list)
     double_executed: list[str] = field(default_factory=list)
@@ -181,8 +222,12 @@ class Report:
                 f"{hit} hit a running task) worker_restarts={self.worker_restarts} "
                 f"store_restarts={len(self.store_restarts)} ({downtime:.2f} s down, "
                 f"{self.publish_retries} publishes refused and retried) "
+                f"error_replies={len(self.error_replies)} failovers={len(self.failovers)}"
+                f"{'' if self.sizes.coordinated_failover else ' (plain SENTINEL FAILOVER)'} "
                 f"executions={self.executions} lost={len(self.lost)} "
                 f"double_executed={len(self.double_executed)} "
+                f"failover_losses={len(self.failover_losses)} "
+                f"failover_forgotten={len(self.failover_forgotten)} "
                 f"window_cases={len(self.window_cases)} ({self.window_executions} re-runs, "
                 f"{self.window_after_work} of them after a kill past the body's work) "
                 f"client_retries={self.client_retries} "
@@ -260,7 +305,7 @@ class Workers:
 
 
 class ChaosRun:
-    def __init__(self, *, broker: str, broker_url: str, store: RedisServer,
+    def __init__(self, *, broker: str, broker_url: str, store: RedisServer | SentinelStore,
                  effects_url: str, queue: str, log_dir: Path, sizes: Sizes) -> None:
         self.broker = broker
         self.store_server = store
@@ -355,20 +400,44 @@ class ChaosRun:
         except BaseException as exc:
             self.errors.append(exc)
 
+    def _store_plan(self) -> list[tuple[float, str]]:
+        """When the store's faults happen, as fractions of the publishing time: restarts (or
+        failovers) evenly spread, error-reply faults in between, so that no two overlap."""
+        sizes = self.sizes
+        major = ["restart"] * sizes.store_restarts + ["failover"] * sizes.failovers
+        plan = [((j + 1) / (len(major) + 1), kind) for j, kind in enumerate(major)]
+        plan += [((j + 0.5) / (sizes.error_replies + 1), "error_reply")
+                 for j in range(sizes.error_replies)]
+        return sorted(plan)
+
     def _store_chaos(self, start: float) -> None:
         try:
-            count = self.sizes.store_restarts
-            for j in range(count):
-                pause = start + self.sizes.publish_seconds * (j + 1) / (count + 1) - time.time()
+            for fraction, kind in self._store_plan():
+                pause = start + self.sizes.publish_seconds * fraction - time.time()
                 if pause > 0:
                     time.sleep(pause)
-                # RedisServer.restart(keep_data=True), with the server away for a while in
-                # between: SHUTDOWN SAVE, a pause, then a new server loading the RDB.
                 t0 = time.time()
-                self.store_server.stop(save=True)
-                time.sleep(self.sizes.store_downtime)
-                self.store_server.start(keep_data=True)
-                self.report.store_restarts.append((t0, time.time()))
+                if kind == "restart":
+                    # RedisServer.restart(keep_data=True), with the server away for a while
+                    # in between: SHUTDOWN SAVE, a pause, then a new server loading the RDB.
+                    assert isinstance(self.store_server, RedisServer)
+                    self.store_server.stop(save=True)
+                    time.sleep(self.sizes.store_downtime)
+                    self.store_server.start(keep_data=True)
+                    self.report.store_restarts.append((t0, time.time()))
+                elif kind == "failover":
+                    assert isinstance(self.store_server, SentinelStore)
+                    self.store_server.failover(coordinated=self.sizes.coordinated_failover)
+                    self.report.failovers.append((t0, time.time()))
+                else:
+                    # Every write refused with NOREPLICAS, then accepted again.
+                    primary = primary_of(self.store_server)
+                    refuse_writes(primary)
+                    try:
+                        time.sleep(self.sizes.error_seconds)
+                    finally:
+                        accept_writes(primary)
+                    self.report.error_replies.append((t0, time.time()))
         except BaseException as exc:
             self.errors.append(exc)
 
@@ -438,6 +507,14 @@ class ChaosRun:
         sections = [report.summary(), "re-run after the kill, window cases:", *delays,
                     "kills:", *kills, "store restarts:",
                     *(f"down {t0:.3f} - {t1:.3f}" for t0, t1 in report.store_restarts),
+                    "error-reply faults (NOREPLICAS):",
+                    *(f"refusing {t0:.3f} - {t1:.3f}" for t0, t1 in report.error_replies),
+                    "failovers:",
+                    *(f"failover {t0:.3f} - {t1:.3f}" for t0, t1 in report.failovers),
+                    f"failover losses ({len(report.failover_losses)}): "
+                    f"{report.failover_losses[:50]}",
+                    f"failover forgotten ({len(report.failover_forgotten)}): "
+                    f"{report.failover_forgotten[:50]}",
                     f"window cases ({len(report.window_details)}):", *report.window_details,
                     f"problems ({len(report.problems)}):", *report.problems]
         (self.log_dir / "chaos-report.txt").write_text("\n".join(sections) + "\n")
@@ -555,7 +632,11 @@ class ChaosRun:
                 kill = previous.killed_by
                 if previous.done_at is not None or kill is None or following.t < kill.t_sent:
                     double = True
-            if double:
+            if double and self._lost_in_a_failover(executions):
+                report.failover_losses.append(key)
+                report.window_details.append(self._describe(
+                    key, "executed again after a plain failover lost a write", executions))
+            elif double:
                 report.double_executed.append(key)
                 report.problems.append(self._describe(key, "executed again outside the "
                                                       "window", executions))
@@ -570,6 +651,11 @@ class ChaosRun:
                         following.t - previous.killed_by.t_sent)
 
             record = store.get(ref)
+            if record is None and self._forgotten_in_a_failover(executions):
+                report.failover_forgotten.append(key)
+                report.window_details.append(self._describe(
+                    key, "record lost with the old primary of a plain failover", executions))
+                continue
             if record is None or record.state is not KeyState.SUCCEEDED or not executions:
                 report.lost.append(key)
                 what = f"{record.state.value if record else 'no record'} with " \
@@ -604,6 +690,24 @@ class ChaosRun:
                 report.problems.append(f"{row['key']}: second process's handle {row['id']} "
                                        f"got {row.get('result', row.get('error'))!r}, the "
                                        f"store has {stored[row['key']]!r}")
+
+    def _lost_in_a_failover(self, executions: list[Execution]) -> bool:
+        """Only for a plain SENTINEL FAILOVER: an execution began before a failover ended and
+        the next one after it began (the claim or outcome written to the old primary was
+        lost). A coordinated failover loses no acknowledged write: no excuse there."""
+        if self.sizes.coordinated_failover:
+            return False
+        return any(previous.t < t1 and following.t > t0
+                   for previous, following in itertools.pairwise(executions)
+                   for t0, t1 in self.report.failovers)
+
+    def _forgotten_in_a_failover(self, executions: list[Execution]) -> bool:
+        """Only for a plain SENTINEL FAILOVER: the key ran, and its last execution began
+        around a failover (its writes went to the old primary, then were dropped)."""
+        if self.sizes.coordinated_failover or not executions:
+            return False
+        last = executions[-1].t
+        return any(t0 - 1.0 <= last <= t1 for t0, t1 in self.report.failovers)
 
     def _whereabouts(self, task_id: str, since: float) -> str:
         """Where the message of a key that never finished went: the worker log lines that name

@@ -94,7 +94,7 @@ def test_standalone_command_stats_and_purge(seeded: KeyStore, redis_url: str) ->
     assert purged.code == EXIT_OK, purged.err
     assert json.loads(purged.out) | {"scanned": 0} == {
         "dry_run": False, "matched": 2, "deleted": 2, "changed": 0, "skipped_live": 1,
-        "undecodable": 0, "scanned": 0}
+        "undecodable": 0, "foreign": 0, "scanned": 0}
     assert seeded.get(RecordRef("shop.charge", "order-8")) is None  # failed
     assert seeded.get(RecordRef("shop.charge", "order-9")) is None  # stale claim
     assert seeded.get(RecordRef("shop.charge", "order-10")) is not None  # live claim

@@ -177,3 +177,37 @@ def retried_when_lost(self: Any, job: str, sleep: float = 2.0) -> dict[str, Any]
 def hard_time_limit(self: Any, job: str, sleep: float = 3.0) -> dict[str, Any]:
     """Outlives its hard time limit: the pool kills the child (TimeLimitExceeded)."""
     return _tracked(self, "hard_time_limit", job, sleep)
+
+
+# -- state machine invariants (tests/integration/test_state_invariants.py) ---------------------
+
+# A TTL shorter than the task and than a countdown: the record must outlive both regardless.
+# (A TTL shorter than the lease or the pending timeout is refused, so both are shorter here.)
+SHORT_TTL = {"idempotency_ttl": 3, "idempotency_lease": 1.5, "idempotency_pending_timeout": 3}
+
+
+@app.task(base=IdempotentTask, bind=True, **SHORT_TTL)
+def outlives_ttl(self: Any, job: str, sleep: float = 6.0) -> dict[str, Any]:
+    """Runs longer than its idempotency_ttl (3 s)."""
+    return _tracked(self, "outlives_ttl", job, sleep)
+
+
+@app.task(base=IdempotentTask, bind=True)
+def rejects_first_time(self: Any, job: str, requeue: bool = False) -> dict[str, Any]:
+    """The first run rejects its message (``Reject(requeue=...)``); later runs succeed."""
+    from celery.exceptions import Reject
+
+    count = record_run(self, "rejects_first_time", job)
+    if count == 1:
+        raise Reject(f"job {job} rejected", requeue=requeue)
+    return {"job": job, "run": count}
+
+
+@app.task(base=IdempotentTask, bind=True, max_retries=3)
+def retry_cannot_be_sent(self: Any, job: str, blob: Any = None) -> dict[str, Any]:
+    """The first run's ``self.retry()`` cannot be published (its arguments do not serialize),
+    so Celery raises ``Reject(requeue=False)``: the message is gone."""
+    count = record_run(self, "retry_cannot_be_sent", job)
+    if count == 1:
+        raise self.retry(args=(job, object()), countdown=0.1)
+    return {"job": job, "run": count}

@@ -23,12 +23,13 @@ from celery_idempotency.store import ClaimStatus, ReserveStatus, ResultPayload
 REF = RecordRef("tasks.charge", "order-42")
 DAY_MS = 24 * 3600 * 1000
 RESULT = ResultPayload(b'{"ok":true}', "application/json", "utf-8", "stored")
+PENDING_MS = 600_000
 
 
 def reserve(store: KeyStore, task_id: str = "t1", fp: str = "fp1", ttl_ms: int = DAY_MS,
-            ref: RecordRef = REF):
+            ref: RecordRef = REF, pending_ms: int = PENDING_MS):
     return store.reserve(ref, task_id=task_id, fingerprint=fp, task_name="tasks.charge",
-                         ttl_ms=ttl_ms)
+                         ttl_ms=ttl_ms, pending_ms=pending_ms)
 
 
 def claim(store: KeyStore, task_id: str = "t1", owner: str = "o1", fp: str = "fp1",
@@ -101,14 +102,14 @@ def test_reserve_of_started_key_with_expired_lease_is_stale(store: KeyStore) -> 
 
 def test_reserve_after_retryable_failure_reserves_again_keeping_fence(store: KeyStore) -> None:
     reserve(store)
-    claim(store)
+    fence = claim(store).fence
     store.fail(REF, owner="o1", error='{"type":"x.E","message":"m","args":[]}', retryable=True,
                ttl_ms=DAY_MS)
     assert reserve(store, task_id="t2").status is ReserveStatus.RESERVED
     record = store.get(REF)
     assert record is not None
     assert (record.state, record.task_id, record.error, record.fence) == (
-        KeyState.PENDING, "t2", None, 1)
+        KeyState.PENDING, "t2", None, fence)
 
 
 def test_reserve_after_cached_failure_is_duplicate(store: KeyStore) -> None:
@@ -146,8 +147,10 @@ def test_unreserve_leaves_a_claimed_record_alone(store: KeyStore) -> None:
 # -- claim -------------------------------------------------------------------------------------
 
 def test_claim_of_absent_key_creates_started_record(store: KeyStore) -> None:
+    before_us = store.now_ms() * 1000
     outcome = claim(store)
-    assert outcome.status is ClaimStatus.CLAIMED and outcome.fence == 1
+    # The first fence of a key is the store's clock in µs (see the fencing tests below).
+    assert outcome.status is ClaimStatus.CLAIMED and outcome.fence >= before_us
     record = store.get(REF)
     assert record is not None and record.state is KeyState.STARTED
     assert (record.owner, record.key, record.fingerprint) == ("o1", "order-42", "fp1")
@@ -176,11 +179,11 @@ def test_claim_repeated_by_the_same_owner_is_idempotent(store: KeyStore) -> None
 
 
 def test_claim_of_expired_lease_takes_over_with_new_fence(store: KeyStore) -> None:
-    claim(store, task_id="t1", owner="o1", lease_ms=50)
+    first = claim(store, task_id="t1", owner="o1", lease_ms=50)
     time.sleep(0.1)
     outcome = claim(store, task_id="t2", owner="o2")
     assert outcome.status is ClaimStatus.TAKEN_OVER
-    assert outcome.fence == 2 and outcome.previous_task_id == "t1"
+    assert outcome.fence > first.fence and outcome.previous_task_id == "t1"
     record = store.get(REF)
     assert record is not None and (record.owner, record.task_id) == ("o2", "t2")
 
@@ -194,7 +197,7 @@ def test_late_original_owner_cannot_write_after_takeover(store: KeyStore) -> Non
     assert info.value.key == "order-42" and info.value.task_id == "t2"
     with pytest.raises(OwnershipLost):
         store.fail(REF, owner="o1", error="{}", retryable=True, ttl_ms=DAY_MS)
-    assert store.release(REF, owner="o1") is False
+    assert store.release(REF, owner="o1", pending_ms=PENDING_MS) is False
     assert store.renew(REF, owner="o1", lease_ms=60_000) is False
     assert store.discard(REF, owner="o1") is False
     record = store.get(REF)
@@ -221,14 +224,14 @@ def test_claim_of_cached_failure_replays_it(store: KeyStore) -> None:
 
 def test_retryable_failure_is_rerun_by_a_new_message_but_replayed_to_its_own(
         store: KeyStore) -> None:
-    claim(store, task_id="t1")
+    first = claim(store, task_id="t1")
     store.fail(REF, owner="o1", error='{"type":"x.E","message":"m","args":[]}', retryable=True,
                ttl_ms=DAY_MS)
     # The failed message itself, redelivered: replay the error, do not run again.
     assert claim(store, task_id="t1", owner="o2").status is ClaimStatus.FAILED
     # A new message with the key: run again.
     outcome = claim(store, task_id="t2", owner="o3")
-    assert outcome.status is ClaimStatus.CLAIMED and outcome.fence == 2
+    assert outcome.status is ClaimStatus.CLAIMED and outcome.fence > first.fence
     record = store.get(REF)
     assert record is not None and record.error is None and not record.retryable
 
@@ -298,16 +301,17 @@ def test_fail_records_error_and_retryable_flag(store: KeyStore) -> None:
 
 def test_release_returns_claim_to_pending_for_the_same_task(store: KeyStore) -> None:
     reserve(store, task_id="t1")
-    claim(store, task_id="t1", owner="o1")
-    assert store.release(REF, owner="o2") is False
-    assert store.release(REF, owner="o1", ttl_ms=DAY_MS) is True
+    first = claim(store, task_id="t1", owner="o1")
+    assert store.release(REF, owner="o2", pending_ms=PENDING_MS) is False
+    assert store.release(REF, owner="o1", ttl_ms=DAY_MS, pending_ms=PENDING_MS) is True
     record = store.get(REF)
     assert record is not None
     assert (record.state, record.task_id, record.lease_expires_ms) == (
         KeyState.PENDING, "t1", None)
-    assert store.release(REF, owner="o1") is True  # repeated by the same owner: harmless
+    # Repeated by the same owner (reply lost, call retried): harmless.
+    assert store.release(REF, owner="o1", pending_ms=PENDING_MS) is True
     # The retried message claims it again, with a new fence.
-    assert claim(store, task_id="t1", owner="o3").fence == 2
+    assert claim(store, task_id="t1", owner="o3").fence > first.fence
 
 
 def test_renew_extends_only_our_own_lease(store: KeyStore) -> None:
@@ -328,11 +332,11 @@ def test_discard_deletes_only_our_own_claim(store: KeyStore) -> None:
 # -- TTLs, scopes, scanning, decoding ---------------------------------------------------------
 
 def test_records_expire_after_their_ttl(store: KeyStore) -> None:
-    reserve(store, ttl_ms=100)
+    reserve(store, ttl_ms=100, pending_ms=100)
     assert state(store) is KeyState.PENDING
     time.sleep(0.2)
     assert store.get(REF) is None
-    claim(store, ttl_ms=100)
+    claim(store, ttl_ms=100, lease_ms=100)
     store.complete(REF, owner="o1", result=RESULT, ttl_ms=150)
     assert state(store) is KeyState.SUCCEEDED
     time.sleep(0.25)
@@ -340,8 +344,8 @@ def test_records_expire_after_their_ttl(store: KeyStore) -> None:
 
 
 def test_release_with_ttl_covers_a_retry_countdown(store: KeyStore) -> None:
-    claim(store, ttl_ms=100)
-    store.release(REF, owner="o1", ttl_ms=5_000)
+    claim(store, ttl_ms=100, lease_ms=100)
+    store.release(REF, owner="o1", ttl_ms=5_000, pending_ms=1_000)
     time.sleep(0.2)
     assert state(store) is KeyState.PENDING
 
@@ -395,7 +399,7 @@ def test_entries_report_an_undecodable_record_and_go_on(store: KeyStore) -> None
 
 def test_entry_reads_one_record_with_its_ttl(store: KeyStore) -> None:
     assert store.entry(REF) is None
-    reserve(store, ttl_ms=60_000)
+    reserve(store, ttl_ms=60_000, pending_ms=1_000)
     entry = store.entry(REF)
     assert entry is not None and entry.record == store.get(REF)
     assert entry.ttl_ms is not None and 50_000 < entry.ttl_ms <= 60_000
@@ -424,6 +428,14 @@ def test_undecodable_record_raises_error_naming_the_key(store: KeyStore) -> None
     assert "exploded" in str(info.value) and info.value.key is not None
     with pytest.raises(CorruptRecord):
         reserve(store, task_id="t2")
+
+
+def test_deeply_nested_error_is_corrupt_record_not_recursion_error(store: KeyStore) -> None:
+    nested = b"[" * 100_000 + b"]" * 100_000  # hand-made: json.loads recurses past the limit
+    write_raw(store, REF, {"k": b"order-42", "s": b"tasks.charge", "st": b"failed",
+                           "t": b"t1", "fp": b"fp1", "e": nested})
+    with pytest.raises(CorruptRecord, match="undecodable error"):
+        store.get(REF)
 
 
 def test_record_missing_fields_raises_error(store: KeyStore) -> None:
@@ -458,12 +470,12 @@ def test_abandon_of_a_dead_childs_claim_requeued_goes_back_to_pending(store: Key
     reserve(store, task_id="t1")
     claim(store, task_id="t1", owner="h1:1f.abc")
     assert store.abandon(REF, task_id="t1", owner_prefix="h1:2f.", requeued=True, error=LOST,
-                         ttl_ms=DAY_MS) is False  # another child's pid
+                         ttl_ms=DAY_MS, pending_ms=PENDING_MS) is False  # another child's pid
     assert store.abandon(REF, task_id="t2", owner_prefix="h1:1f.", requeued=True, error=LOST,
-                         ttl_ms=DAY_MS) is False  # another task
+                         ttl_ms=DAY_MS, pending_ms=PENDING_MS) is False  # another task
     assert state(store) is KeyState.STARTED
     assert store.abandon(REF, task_id="t1", owner_prefix="h1:1f.", requeued=True, error=LOST,
-                         ttl_ms=DAY_MS) is True
+                         ttl_ms=DAY_MS, pending_ms=PENDING_MS) is True
     record = store.get(REF)
     assert record is not None and (record.state, record.task_id) == (KeyState.PENDING, "t1")
     # The redelivered message claims it at once, without waiting out the lease.
@@ -473,7 +485,7 @@ def test_abandon_of_a_dead_childs_claim_requeued_goes_back_to_pending(store: Key
 def test_abandon_without_requeue_fails_retryable(store: KeyStore) -> None:
     claim(store, task_id="t1", owner="h1:1f.abc")
     assert store.abandon(REF, task_id="t1", owner_prefix="h1:1f.", requeued=False, error=LOST,
-                         ttl_ms=DAY_MS) is True
+                         ttl_ms=DAY_MS, pending_ms=PENDING_MS) is True
     record = store.get(REF)
     assert record is not None and record.state is KeyState.FAILED and record.retryable
     assert record.error is not None and record.error["message"] == "lost"
@@ -483,17 +495,17 @@ def test_abandon_without_requeue_fails_retryable(store: KeyStore) -> None:
 def test_abandon_of_a_revoked_pending_task_needs_no_owner(store: KeyStore) -> None:
     reserve(store, task_id="t1")
     assert store.abandon(REF, task_id="t1", owner_prefix="", requeued=False, error=LOST,
-                         ttl_ms=DAY_MS) is True
+                         ttl_ms=DAY_MS, pending_ms=PENDING_MS) is True
     assert state(store) is KeyState.FAILED
 
 
 def test_abandon_leaves_finished_records_and_other_owners_alone(store: KeyStore) -> None:
     claim(store, task_id="t1", owner="h1:1f.abc")
     assert store.abandon(REF, task_id="t1", owner_prefix="", requeued=False, error=LOST,
-                         ttl_ms=DAY_MS) is False
+                         ttl_ms=DAY_MS, pending_ms=PENDING_MS) is False
     store.complete(REF, owner="h1:1f.abc", result=RESULT, ttl_ms=DAY_MS)
     assert store.abandon(REF, task_id="t1", owner_prefix="h1:1f.", requeued=False, error=LOST,
-                         ttl_ms=DAY_MS) is False
+                         ttl_ms=DAY_MS, pending_ms=PENDING_MS) is False
     assert state(store) is KeyState.SUCCEEDED
 
 
@@ -516,12 +528,194 @@ def test_reservation_unclaimed_past_its_deadline_is_reserved_anew(store: KeyStor
     assert claim(store, task_id="t1").status is ClaimStatus.CLAIMED
 
 
-def test_a_claimed_or_retried_key_has_no_pending_deadline(store: KeyStore) -> None:
+def test_a_claimed_key_has_no_pending_deadline(store: KeyStore) -> None:
     store.reserve(REF, task_id="t1", fingerprint="fp1", task_name="tasks.charge", ttl_ms=DAY_MS,
                   pending_ms=50)
     claim(store, task_id="t1")
-    store.release(REF, owner="o1")  # a retry: its message exists, published by Celery
     time.sleep(0.1)
     record = store.get(REF)
     assert record is not None and record.pending_deadline_ms is None
     assert reserve(store, task_id="t2").status is ReserveStatus.DUPLICATE
+
+
+# -- no record forgotten while its work is in flight, none pending without a deadline -------
+
+def ttl_left(store: KeyStore, ref: RecordRef = REF) -> int:
+    entry = store.entry(ref)
+    assert entry is not None and entry.ttl_ms is not None
+    return entry.ttl_ms
+
+
+def test_renew_extends_the_ttl_to_cover_the_lease(store: KeyStore) -> None:
+    """A task running longer than idempotency_ttl keeps its record (issue: it expired at
+    4.5 s of a 6 s task with ttl=3)."""
+    claim(store, ttl_ms=300, lease_ms=300)
+    assert store.renew(REF, owner="o1", lease_ms=5_000) is True
+    assert ttl_left(store) > 4_000
+    time.sleep(0.4)  # past the TTL the claim was made with
+    record = store.get(REF)
+    assert record is not None and record.state is KeyState.STARTED
+    assert claim(store, task_id="t2", owner="o2").status is ClaimStatus.BUSY
+
+
+def test_renew_never_shortens_the_ttl(store: KeyStore) -> None:
+    claim(store, ttl_ms=DAY_MS)
+    store.renew(REF, owner="o1", lease_ms=1_000)
+    assert ttl_left(store) > DAY_MS - 60_000
+
+
+def test_claim_ttl_covers_the_lease_whatever_the_ttl(store: KeyStore) -> None:
+    claim(store, ttl_ms=100, lease_ms=5_000)
+    assert ttl_left(store) > 4_000
+
+
+def test_reservation_ttl_covers_its_pending_deadline(store: KeyStore) -> None:
+    store.reserve(REF, task_id="t1", fingerprint="fp1", task_name="tasks.charge", ttl_ms=100,
+                  pending_ms=5_000)
+    record = store.get(REF)
+    assert record is not None and record.pending_deadline_ms is not None
+    assert ttl_left(store) > 4_000
+    # A reservation taken over past its deadline: the TTL covers the new deadline too.
+    other = RecordRef("s", "replaced")
+    store.reserve(other, task_id="t1", fingerprint="fp1", task_name="tasks.charge", ttl_ms=100,
+                  pending_ms=50)
+    time.sleep(0.07)
+    outcome = store.reserve(other, task_id="t2", fingerprint="fp1", task_name="tasks.charge",
+                            ttl_ms=100, pending_ms=5_000)
+    assert outcome.replaced_task_id == "t1" and ttl_left(store, other) > 4_000
+
+
+def test_release_gives_the_pending_record_a_deadline(store: KeyStore) -> None:
+    """A retry's (or a requeued message's) pending record has a deadline: should the message
+    never come, the next publish after it runs the task."""
+    claim(store, task_id="t1", ttl_ms=DAY_MS)
+    before = store.now_ms()
+    assert store.release(REF, owner="o1", ttl_ms=100, pending_ms=5_000) is True
+    record = store.get(REF)
+    assert record is not None and record.pending_deadline_ms is not None
+    assert before + 5_000 <= record.pending_deadline_ms <= store.now_ms() + 5_000
+    assert ttl_left(store) > 4_000  # the TTL covers the deadline
+
+
+def test_released_key_is_published_again_once_its_deadline_passes(store: KeyStore) -> None:
+    claim(store, task_id="t1")
+    store.release(REF, owner="o1", pending_ms=50)
+    assert reserve(store, task_id="t2").status is ReserveStatus.DUPLICATE
+    time.sleep(0.1)
+    outcome = reserve(store, task_id="t3")
+    assert (outcome.status, outcome.replaced_task_id) == (ReserveStatus.RESERVED, "t1")
+
+
+def test_abandon_requeued_gives_the_pending_record_a_deadline(store: KeyStore) -> None:
+    claim(store, task_id="t1", owner="h1:1f.abc", ttl_ms=100, lease_ms=100)
+    assert store.abandon(REF, task_id="t1", owner_prefix="h1:1f.", requeued=True, error=LOST,
+                         ttl_ms=DAY_MS, pending_ms=5_000) is True
+    record = store.get(REF)
+    assert record is not None and record.state is KeyState.PENDING
+    assert record.pending_deadline_ms is not None and ttl_left(store) > 4_000
+
+
+def test_abandon_failed_drops_the_pending_deadline(store: KeyStore) -> None:
+    reserve(store, task_id="t1")
+    store.abandon(REF, task_id="t1", owner_prefix="", requeued=False, error=LOST, ttl_ms=DAY_MS,
+                  pending_ms=PENDING_MS)
+    record = store.get(REF)
+    assert record is not None and record.state is KeyState.FAILED
+    assert record.pending_deadline_ms is None
+
+
+def test_a_claim_starts_clean(store: KeyStore) -> None:
+    """Whatever the state it leaves, a claim keeps no outcome and no deadline of it."""
+    claim(store, task_id="t1")
+    store.fail(REF, owner="o1", error='{"type":"x.E","message":"m","args":[]}', retryable=True,
+               ttl_ms=DAY_MS)
+    claim(store, task_id="t2", owner="o2")
+    record = store.get(REF)
+    assert record is not None and record.state is KeyState.STARTED
+    assert (record.error, record.retryable, record.result, record.pending_deadline_ms) == (
+        None, False, None, None)
+
+
+# -- fencing: strictly increasing per key, deletions, expiry and eviction included ------------
+
+def test_fence_is_higher_after_an_operator_deletes_the_record(store: KeyStore) -> None:
+    """CLI ``release``/``purge`` delete a stale claim; the zombie owner's fence stays below."""
+    zombie = claim(store, owner="o1", lease_ms=50)
+    time.sleep(0.07)
+    seen = store.get(REF)
+    assert seen is not None and store.delete_if_unchanged(seen) is True
+    assert claim(store, task_id="t2", owner="o2").fence > zombie.fence
+
+
+def test_fence_is_higher_after_a_discard(store: KeyStore) -> None:
+    """A task that raised Ignore leaves no record; the next claim still fences above it."""
+    first = claim(store, owner="o1")
+    assert store.discard(REF, owner="o1") is True
+    assert store.get(REF) is None
+    assert claim(store, task_id="t2", owner="o2").fence > first.fence
+
+
+def test_fence_is_higher_after_the_record_expired(store: KeyStore) -> None:
+    first = claim(store, owner="o1", ttl_ms=50, lease_ms=50)
+    time.sleep(0.1)
+    assert store.get(REF) is None
+    assert claim(store, task_id="t2", owner="o2").fence > first.fence
+
+
+def test_fence_is_higher_after_unreserve_and_reserve_again(store: KeyStore) -> None:
+    first = claim(store, owner="o1")
+    store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+    seen = store.get(REF)
+    assert seen is not None and store.delete_if_unchanged(seen)
+    reserve(store, task_id="t2")
+    assert store.get(REF).fence == 0  # type: ignore[union-attr]  # never claimed since
+    assert claim(store, task_id="t2", owner="o2").fence > first.fence
+
+
+def test_fence_of_the_same_owner_retrying_its_claim_is_unchanged(store: KeyStore) -> None:
+    first = claim(store, owner="o1")
+    assert claim(store, owner="o1").fence == first.fence
+    assert store.get(REF).fence == first.fence  # type: ignore[union-attr]
+
+
+def test_redis_fence_is_the_server_clock_in_microseconds_exactly(redis_server) -> None:
+    """µs since the epoch need 51 bits: a Lua number holds them exactly, and the record keeps
+    every digit (Lua's tostring would round to 14)."""
+    store = RedisKeyStore.from_url(redis_server.url(1), prefix="fence-us:")
+    try:
+        seconds, micros = store.client.time()
+        before = seconds * 1_000_000 + micros
+        fence = claim(store, owner="o1").fence
+        seconds, micros = store.client.time()
+        assert before <= fence <= seconds * 1_000_000 + micros
+        raw = store.client.hget(store.name_of(REF), "f")
+        assert raw == str(fence).encode()
+        store.discard(REF, owner="o1")
+    finally:
+        store.close()
+
+
+def test_memory_fence_rises_by_one_while_the_record_lives_even_if_the_clock_steps_back() -> None:
+    now = [1_800_000_000_000_000]
+    store = MemoryKeyStore(prefix="t:", clock_us=lambda: now[0])
+    first = claim(store, owner="o1", lease_ms=10)
+    now[0] += 20_000  # lease expired
+    second = claim(store, task_id="t2", owner="o2", lease_ms=10)
+    assert second.fence == now[0] > first.fence
+    store.fail(REF, owner="o2", error="{}", retryable=True, ttl_ms=DAY_MS)
+    now[0] -= 3_600_000_000  # the clock steps back an hour: the record still carries the fence
+    third = claim(store, task_id="t3", owner="o3")
+    assert (third.status, third.fence) == (ClaimStatus.CLAIMED, second.fence + 1)
+
+
+def test_memory_fence_after_deletion_relies_on_the_clock_not_stepping_back() -> None:
+    """The documented limit: across a deletion the fence comes from the clock alone."""
+    now = [1_800_000_000_000_000]
+    store = MemoryKeyStore(prefix="t:", clock_us=lambda: now[0])
+    first = claim(store, owner="o1")
+    assert store.discard(REF, owner="o1")
+    now[0] += 1  # any forward step keeps it increasing
+    assert claim(store, task_id="t2", owner="o2").fence > first.fence
+    assert store.discard(REF, owner="o2")
+    now[0] -= 1_000_000  # stepped back by more than the time since the last claim
+    assert claim(store, task_id="t3", owner="o3").fence < first.fence

@@ -21,9 +21,9 @@ def test_store_url_is_required_with_no_fallback_to_the_broker() -> None:
 
 
 def test_task_option_overrides_app_setting() -> None:
-    config = resolve({"idempotency_store_url": "memory://", "idempotency_ttl": 10},
-                     {"idempotency_ttl": 20})
-    assert config.ttl == 20
+    config = resolve({"idempotency_store_url": "memory://", "idempotency_ttl": 3600},
+                     {"idempotency_ttl": 7200})
+    assert config.ttl == 7200
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
@@ -70,7 +70,7 @@ def test_cache_errors_accept_dotted_names() -> None:
 
 def test_per_message_options_are_limited() -> None:
     config = resolve({"idempotency_store_url": "memory://"}, {})
-    assert config.with_message_options({"idempotency_ttl": 5}).ttl == 5
+    assert config.with_message_options({"idempotency_ttl": 900}).ttl == 900
     assert config.with_message_options({"idempotency_scope": "s"}).scope == "s"
     with pytest.raises(ConfigurationError, match="per message"):
         config.with_message_options({"idempotency_lease": 5})

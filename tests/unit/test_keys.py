@@ -15,6 +15,7 @@ from celery_idempotency import (
     RecordRef,
 )
 from celery_idempotency.keys import (
+    MAX_ARGUMENT_DEPTH,
     MAX_KEY_LENGTH,
     bind_arguments,
     canonical_json,
@@ -90,7 +91,7 @@ def test_arguments_that_do_not_fit_the_signature_raise() -> None:
         bind_arguments(charge, (1, 2, 3), {})
 
 
-@pytest.mark.parametrize("value", [object(), {1: "int key"}, float("nan"), b"bytes",
+@pytest.mark.parametrize("value", [object(), {1: "int key"}, float("nan"), bytearray(b"x"),
                                    {"set": {1, 2}}])
 def test_non_json_arguments_raise_a_clear_error(value: Any) -> None:
     with pytest.raises(ArgumentsNotCanonical, match="argument"):
@@ -101,6 +102,12 @@ def test_object_argument_error_names_the_argument_and_the_way_out() -> None:
     with pytest.raises(ArgumentsNotCanonical) as info:
         fingerprint(bind_arguments(charge, (object(),), {}))
     assert "order_id" in str(info.value) and "idempotency_key" in str(info.value)
+
+
+def test_bytes_have_a_canonical_form_apart_from_strings() -> None:
+    # Celery passes bytes (e.g. to link callbacks); kombu's JSON round-trips them.
+    assert canonical_json([b"ab\xff"]) == '[{"$bytes":"YWL/"}]'
+    assert canonical_json([b"ab"]) != canonical_json(["ab"])
 
 
 def test_common_scalar_types_have_tagged_canonical_forms() -> None:
@@ -148,3 +155,59 @@ def test_store_names_are_bounded_cluster_safe_and_free_of_the_user_key() -> None
     assert RecordRef("a", "b").store_name("p:") != RecordRef("b", "a").store_name("p:")
     # The separator keeps ("a:b", "c") and ("a", "b:c") apart.
     assert RecordRef("a:b", "c").store_name("p:") != RecordRef("a", "b:c").store_name("p:")
+
+
+# -- recursive and deep arguments ---------------------------------------------------------------
+
+def nested(depth: int) -> list[Any]:
+    top: list[Any] = []
+    cursor = top
+    for _ in range(depth - 1):
+        cursor.append([])
+        cursor = cursor[0]
+    return top
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (loop := []).append(loop) or loop,  # type: ignore[func-returns-value]
+    lambda: (loop := {}).update(me=loop) or loop,  # type: ignore[func-returns-value]
+    lambda: (loop := {"a": [1]})["a"].append(loop) or loop,  # type: ignore[func-returns-value]
+], ids=["list", "dict", "dict-in-list"])
+def test_recursive_arguments_raise_arguments_not_canonical(make: Any) -> None:
+    with pytest.raises(ArgumentsNotCanonical, match="contains itself") as raised:
+        fingerprint({"order": make()})
+    assert "arguments['order']" in str(raised.value)
+
+
+def test_deep_arguments_raise_arguments_not_canonical_not_recursion_error() -> None:
+    for depth in (MAX_ARGUMENT_DEPTH + 1, 10_000, 200_000):
+        with pytest.raises(ArgumentsNotCanonical, match=f"more than {MAX_ARGUMENT_DEPTH} levels"):
+            fingerprint({"payload": nested(depth)})
+    with pytest.raises(ArgumentsNotCanonical, match="levels deep"):
+        key_of(charge, 1, fields=("order_id", "amount"), amount=nested(1000))
+
+
+def test_nesting_up_to_the_limit_and_shared_references_are_accepted() -> None:
+    assert fingerprint({"payload": nested(MAX_ARGUMENT_DEPTH)})
+    shared = {"sku": "A1"}
+    # The same object twice is not a cycle.
+    assert canonical_json([shared, shared, [shared]]) == \
+        '[{"sku":"A1"},{"sku":"A1"},[{"sku":"A1"}]]'
+
+
+def test_a_task_published_with_recursive_arguments_gets_arguments_not_canonical() -> None:
+    from celery import Celery
+
+    from celery_idempotency import IdempotentTask
+
+    app = Celery("deep", set_as_current=False)
+    app.conf.update(task_always_eager=True, idempotency_store_url="memory://")
+
+    @app.task(shared=False, base=IdempotentTask)
+    def store_document(document: Any) -> None: ...
+
+    loop: list[Any] = []
+    loop.append(loop)
+    for bad in (loop, nested(5000)):
+        with pytest.raises(ArgumentsNotCanonical):
+            store_document.delay(bad)

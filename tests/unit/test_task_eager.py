@@ -65,7 +65,9 @@ def test_explicit_key_runs_once_and_duplicates_get_the_cached_result(app: Celery
     assert calls == [(42, 100)]
     assert second.id == first.id
     assert (first.duplicate, second.duplicate) == (False, True)
-    assert first.get() == second.get() == {"order_id": 42, "amount": 100, "run": 1, "fence": 1}
+    fence = first.record().fence  # type: ignore[union-attr]
+    assert first.get() == second.get() == {"order_id": 42, "amount": 100, "run": 1,
+                                           "fence": fence}
     assert second.state == "SUCCESS" and second.successful()
 
 
@@ -202,16 +204,19 @@ def test_other_errors_are_seen_by_handles_and_rerun_by_the_next_publish(app: Cel
 def test_retry_keeps_the_key_and_does_not_spend_it(app: Celery) -> None:
     app.conf.task_eager_propagates = False  # else Celery itself raises Retry out of .delay()
     attempts: list[int] = []
+    fences: list[int] = []
 
     @app.task(shared=False, base=IdempotentTask, bind=True, max_retries=2)
     def once_more(self: Any, order_id: int) -> dict[str, int]:
         attempts.append(self.request.retries)
+        fences.append(self.request.idempotency_fence)
         if len(attempts) == 1:
             raise self.retry(countdown=0)
         return {"retries": self.request.retries, "fence": self.request.idempotency_fence}
 
     result = once_more.apply_async((1,), idempotency_key="retry-1")
-    assert result.get() == {"retries": 1, "fence": 2}
+    assert result.get() == {"retries": 1, "fence": fences[1]}
+    assert fences[1] > fences[0]  # the retry holds a new claim
     assert attempts == [0, 1]
     assert once_more.apply_async((1,), idempotency_key="retry-1").duplicate
 
@@ -294,6 +299,10 @@ def test_direct_calls_run_the_function_without_the_store(app: Celery) -> None:
 
 def test_threads_publishing_one_key_run_it_once(app: Celery) -> None:
     charge, calls = make_counting_task(app)
+    # Evaluate Celery's lazy task proxy before the threads start: its first evaluation binds
+    # the task class without a lock, and a thread that sees it half bound fails inside Celery
+    # (request_stack still None), whatever the idempotency code does.
+    assert charge.name == "tests.charge"
     barrier = threading.Barrier(32)
     results: list[Any] = []
     lock = threading.Lock()
@@ -327,3 +336,24 @@ def test_handle_looked_up_by_key_is_not_a_duplicate_and_knows_its_task(app: Cele
     charge.apply_async((3,), idempotency_key="req-3")
     found = charge.result_for_key("req-3")
     assert found is not None and found.duplicate is False and found.name == "tests.charge"
+
+
+def test_celerys_own_tasks_are_not_deduplicated_under_task_cls() -> None:
+    # With task_cls=IdempotentTask every task of the app gets the class, Celery's own
+    # plumbing too: a daily celery.backend_cleanup must run every day, not once per TTL.
+    app = Celery("builtins", set_as_current=False,
+                 task_cls="celery_idempotency:IdempotentTask")
+    app.conf.update(task_always_eager=True, task_eager_propagates=True,
+                    idempotency_store_url="memory://")
+
+    @app.task(name="tests.user_task")
+    def user_task() -> str:
+        return "ran"
+
+    app.finalize()
+    cleanup = app.tasks["celery.backend_cleanup"]
+    assert isinstance(cleanup, IdempotentTask) and not cleanup.idem_config().enabled
+    first, second = cleanup.apply_async(), cleanup.apply_async()
+    assert first.id != second.id
+    assert app.tasks["tests.user_task"].idem_config().enabled
+    assert user_task.apply_async().id == user_task.apply_async().id  # the user's task is

@@ -7,6 +7,19 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- The server clock in ms and in µs (one TIME). µs since the epoch stay below 2^53 until the
+-- year 2255, so a Lua number (a double) holds them exactly.
+local function clock()
+  local t = redis.call('TIME')
+  local s, us = tonumber(t[1]), tonumber(t[2])
+  return s * 1000 + math.floor(us / 1000), s * 1000000 + us
+end
+
+-- A number as the exact decimal integer (tostring would round it to 14 digits).
+local function int(n)
+  return string.format('%.0f', n)
+end
+
 -- {status, field, value, field, value, ...}: the status and the whole record in one reply.
 local function reply(status, key)
   local fields = redis.call('HGETALL', key)
@@ -16,4 +29,10 @@ end
 
 local function lease_alive(key, now)
   return tonumber(redis.call('HGET', key, 'l') or '0') > now
+end
+
+-- Lengthen the record's TTL to at least ms, never shorten it: a record outlives its lease
+-- and its pending deadline, whatever the TTL setting.
+local function expire_at_least(key, ms)
+  if redis.call('PTTL', key) < tonumber(ms) then redis.call('PEXPIRE', key, ms) end
 end

@@ -7,7 +7,8 @@
 -- ARGV[1] task_id  ARGV[2] owner prefix ('' = only a pending record)
 -- ARGV[3] 'pending' (the message was requeued: let the redelivery run at once)
 --         or 'failed' (the message is gone: fail retryable, so that the next publish runs)
--- ARGV[4] error (JSON, for 'failed')  ARGV[5] ttl_ms
+-- ARGV[4] error (JSON, for 'failed')  ARGV[5] ttl_ms (for 'failed')
+-- ARGV[6] pending_ms (for 'pending'): the requeued message has until then to come back
 -- returns 1 if changed, 0 otherwise
 local rec = KEYS[1]
 if redis.call('HGET', rec, 't') ~= ARGV[1] then return 0 end
@@ -18,11 +19,13 @@ if state == 'started' then
 elseif state ~= 'pending' then
   return 0
 end
-redis.call('HDEL', rec, 'l')
+local now = now_ms()
+redis.call('HDEL', rec, 'l', 'pd')
 if ARGV[3] == 'pending' then
-  redis.call('HSET', rec, 'st', 'pending', 'u', now_ms())
+  redis.call('HSET', rec, 'st', 'pending', 'u', now, 'pd', now + tonumber(ARGV[6]))
+  expire_at_least(rec, ARGV[6])
 else
-  redis.call('HSET', rec, 'st', 'failed', 'e', ARGV[4], 'ry', '1', 'u', now_ms())
+  redis.call('HSET', rec, 'st', 'failed', 'e', ARGV[4], 'ry', '1', 'u', now)
   redis.call('PEXPIRE', rec, ARGV[5])
 end
 return 1
