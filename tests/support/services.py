@@ -11,7 +11,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -117,6 +119,25 @@ def rabbitmq_available() -> bool:
         return False
 
 
+def form_cluster(nodes: Sequence[Any], cli_options: Sequence[str] = ()) -> None:
+    """Make started nodes (each with ``port`` and ``client()``) one Cluster, slots spread evenly,
+    and wait until every node says the cluster is ok."""
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        missing_service("redis-cli is not on PATH (needed to create a Redis Cluster)")
+    assert cli is not None
+    subprocess.run([cli, *cli_options, "--cluster", "create",
+                    *(f"127.0.0.1:{n.port}" for n in nodes),
+                    "--cluster-replicas", "0", "--cluster-yes"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=60)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if all(n.client().cluster("info")["cluster_state"] == "ok" for n in nodes):
+            return
+        time.sleep(0.1)
+    raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+
+
 class RedisCluster:
     """A three-primary Redis Cluster of private redis-servers (no replicas)."""
 
@@ -129,23 +150,10 @@ class RedisCluster:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def start(self) -> RedisCluster:
-        cli = shutil.which("redis-cli")
-        if cli is None:
-            missing_service("redis-cli is not on PATH (needed to create a Redis Cluster)")
-        assert cli is not None
         for node in self.nodes:
             node.start()
-        subprocess.run([cli, "--cluster", "create",
-                        *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                        "--cluster-replicas", "0", "--cluster-yes"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                       timeout=60)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if all(n.client().cluster("info")["cluster_state"] == "ok" for n in self.nodes):
-                return self
-            time.sleep(0.1)
-        raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+        form_cluster(self.nodes)
+        return self
 
     def close(self) -> None:
         for node in self.nodes:

@@ -16,7 +16,12 @@ from pathlib import Path
 import redis
 import trustme
 
-from tests.support.services import free_cluster_port, free_port, missing_service
+from tests.support.services import (
+    form_cluster,
+    free_cluster_port,
+    free_port,
+    missing_service,
+)
 
 
 @dataclass(frozen=True)
@@ -184,18 +189,9 @@ class TlsCluster:
         for node in self.nodes:
             node.start()
         certs = self.certs
-        subprocess.run([_binary("redis-cli"), "--tls", "--cacert", str(certs.ca),
-                        "--cert", str(certs.client_cert), "--key", str(certs.client_key),
-                        "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                        "--cluster-replicas", "0", "--cluster-yes"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                       timeout=60)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if all(n.client().cluster("info")["cluster_state"] == "ok" for n in self.nodes):
-                return self
-            time.sleep(0.1)
-        raise RuntimeError("the TLS Redis Cluster did not reach cluster_state:ok")
+        form_cluster(self.nodes, ["--tls", "--cacert", str(certs.ca), "--cert",
+                                  str(certs.client_cert), "--key", str(certs.client_key)])
+        return self
 
     def close(self) -> None:
         for node in self.nodes:
