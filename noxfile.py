@@ -46,12 +46,18 @@ CORE_TESTS = (
     "tests/unit",
     "tests/store/test_contract.py",
     "tests/integration/test_dedup.py",
-    "tests/integration/test_crash_safety.py",
-    "tests/integration/test_worker_lost_paths.py",
+    "tests/integration/test_lost_workers.py",
+    "tests/integration/test_revoke_and_expiry.py",
+    "tests/integration/test_leases_and_fencing.py",
+    "tests/integration/test_store_outages.py",
 )
 # A hung test fails (pytest-timeout) instead of eating the CI budget.
 PYTEST_LIMITS = ("--timeout=300",)
-QUICK_TESTS = tuple(path for path in CORE_TESTS if "crash_safety" not in path)
+# Without the slow crash scenarios (revokes, leases, outages while a task runs).
+QUICK_TESTS = tuple(path for path in CORE_TESTS
+                    if not path.endswith(("test_revoke_and_expiry.py",
+                                          "test_leases_and_fencing.py",
+                                          "test_store_outages.py")))
 SMOKE_TESTS = ("tests/unit/test_celery_compat.py", "tests/integration/test_dedup.py")
 # How each constraint file was resolved (see the module docstring).
 RESOLUTION_OF = {"5.4": "lowest-direct", "5.5": "highest", "5.6": "highest", "5.7": "highest"}

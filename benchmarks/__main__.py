@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from . import machine, report
-from .services import RABBITMQ_URL, ROOT, rabbitmq_available, rabbitmq_version
+from .services import (
+    RABBITMQ_URL,
+    ROOT,
+    ServiceMissing,
+    rabbitmq_available,
+    rabbitmq_version,
+)
 
 SECTIONS = ("throughput", "work", "duplicates", "publish", "roundtrips", "memory", "latency")
 RESULTS = ROOT / "benchmarks" / "results"
@@ -101,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
 
     log_dir = Path(tempfile.mkdtemp(prefix="idem-bench-logs-"))
     log(f"worker logs in {log_dir}")
-    stack = Stack(log_dir)
+    try:
+        stack = Stack(log_dir)
+    except ServiceMissing as exc:  # say so plainly (apt-get install redis-server)
+        raise SystemExit(str(exc)) from None
     services["redis"] = stack.store.version()
     try:
         _run_sections(stack, sections, params, brokers, pools, results["sections"], log)

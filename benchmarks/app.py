@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import redis
 from celery import Celery
 from celery.signals import task_postrun, worker_ready
 from celery_once import QueueOnce
 from celery_singleton import Singleton
-from kombu import pools
 
 from celery_idempotency import IdempotentTask
+from tests.support.apps import RedisFromEnv, point_app_at
 
 ENV_BROKER = "BENCH_BROKER_URL"
 ENV_STORE = "BENCH_STORE_URL"  # IdempotentTask's store
@@ -34,7 +33,7 @@ ENV_QUEUE = "BENCH_QUEUE"
 ENV_POSTRUN = "BENCH_COUNT_POSTRUN"  # "1": also count every finished message (round trips)
 ENV_READY = "BENCH_READY_FILE"
 ENV_EXTRA = "BENCH_EXTRA_CONF"  # JSON settings for the worker, for experiments
-ENV_PREFETCH = "BENCH_PREFETCH"  # worker_prefetch_multiplier (default 1, as peers-measured.md)
+ENV_PREFETCH = "BENCH_PREFETCH"  # worker_prefetch_multiplier (default 1, as in docs/peers.md)
 
 PLAIN, IDEM, ONCE, SINGLETON = "bench.plain", "bench.idem", "bench.once", "bench.singleton"
 
@@ -55,10 +54,10 @@ def settings(*, broker_url: str, store_url: str, once_url: str, singleton_url: s
         "worker_hijack_root_logger": True,
         # IdempotentTask
         "idempotency_store_url": store_url,
-        # celery-once, as in /work/shared/peers-measured.md
+        # celery-once, as in docs/peers.md
         "ONCE": {"backend": "celery_once.backends.Redis",
                  "settings": {"url": once_url, "default_timeout": 60}},
-        # celery-singleton, as in peers-measured.md (defaults otherwise)
+        # celery-singleton, as in docs/peers.md (defaults otherwise)
         "singleton_backend_url": singleton_url,
     }
 
@@ -72,16 +71,7 @@ if os.environ.get(ENV_BROKER):
         remote_control=not os.environ[ENV_BROKER].startswith("amqp")))
     app.conf.update(json.loads(os.environ.get(ENV_EXTRA) or "{}"))
 
-_effects: redis.Redis | None = None
-_effects_pid = 0
-
-
-def effects() -> redis.Redis:
-    global _effects, _effects_pid
-    if _effects is None or _effects_pid != os.getpid():
-        _effects = redis.Redis.from_url(os.environ[ENV_EFFECTS])
-        _effects_pid = os.getpid()
-    return _effects
+effects = RedisFromEnv(ENV_EFFECTS)  # effects(): the counters' client, one per process
 
 
 def record_effect(run: str, item: int) -> None:
@@ -146,10 +136,4 @@ def _ready(**_: Any) -> None:
 
 def configure(**kwargs: Any) -> None:
     """Point this process's app (the publisher) at a stack; drop cached connections."""
-    app.conf.update(settings(**kwargs))
-    app._pool = None
-    app.__dict__.pop("amqp", None)
-    pools.reset()
-    for task in app.tasks.values():
-        if isinstance(task, IdempotentTask):
-            task.__dict__.pop("_idem_config_cache", None)
+    point_app_at(app, **settings(**kwargs))

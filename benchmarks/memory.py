@@ -28,7 +28,9 @@ import redis
 from celery_idempotency.keys import RecordRef, digest
 from celery_idempotency.leases import new_owner_token
 from celery_idempotency.outcomes import encode_result
+from celery_idempotency.records import F_STATE
 from celery_idempotency.store import RedisKeyStore
+from celery_idempotency.store.redis import complete_args, script_args
 
 from .services import RedisServer
 
@@ -61,7 +63,7 @@ def seed_public(store: RedisKeyStore, start: int, count: int) -> list[str]:
         store.claim(ref, task_id=task_id, owner=owner, fingerprint=fp, task_name=TASK_NAME,
                     lease_ms=LEASE_MS, ttl_ms=TTL_MS)
         store.complete(ref, owner=owner, result=_result(1_000_000 + index), ttl_ms=TTL_MS)
-        names.append(store.name_of(ref))
+        names.append(store.store_key(ref))
     return names
 
 
@@ -75,18 +77,21 @@ def seed_pipelined(store: RedisKeyStore, start: int, count: int) -> list[str]:
         rows = []
         for index in batch:
             ref, task_id, fp = _identity(index)
-            rows.append((store.name_of(ref), ref, task_id, fp, new_owner_token(),
+            rows.append((store.store_key(ref), ref, task_id, fp, new_owner_token(),
                          _result(1_000_000 + index)))
         for step in ("reserve", "claim", "complete"):
             pipe = store.client.pipeline(transaction=False)
             for name, ref, task_id, fp, owner, result in rows:
                 if step == "reserve":
-                    args = [task_id, fp, ref.key, ref.scope, TASK_NAME, TTL_MS, PENDING_MS]
+                    args = script_args("reserve", task_id=task_id, fingerprint=fp, key=ref.key,
+                                       scope=ref.scope, task_name=TASK_NAME, ttl_ms=TTL_MS,
+                                       pending_ms=PENDING_MS)
                 elif step == "claim":
-                    args = [task_id, owner, fp, ref.key, ref.scope, TASK_NAME, LEASE_MS,
-                            TTL_MS]
+                    args = script_args("claim", task_id=task_id, owner=owner, fingerprint=fp,
+                                       key=ref.key, scope=ref.scope, task_name=TASK_NAME,
+                                       lease_ms=LEASE_MS, ttl_ms=TTL_MS)
                 else:
-                    args = [owner, result.data, "", "", "", TTL_MS]
+                    args = complete_args(owner=owner, result=result, ttl_ms=TTL_MS)
                 scripts[step](keys=[name], args=args, client=pipe)
             replies = pipe.execute()
             expected = {"reserve": b"reserved", "claim": b"claimed", "complete": b"ok"}[step]
@@ -104,7 +109,7 @@ def _layout(client: redis.Redis, name: str) -> dict[str, Any]:
         "encoding": client.object("encoding", name),
         "memory_usage": client.memory_usage(name, samples=0),
         "has_ttl": client.pttl(name) > 0,
-        "state": fields.get(b"st"),
+        "state": fields.get(F_STATE.encode()),
     }
 
 
@@ -135,7 +140,7 @@ def _used(client: redis.Redis) -> int:
 
 
 def memory_per_record(*, checkpoints: list[int], sample: int, log: Any) -> dict[str, Any]:
-    server = RedisServer("memory").start()
+    server = RedisServer(name="memory").start()
     try:
         client = server.client()
         store = RedisKeyStore.from_url(server.url())

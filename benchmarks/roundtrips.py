@@ -149,7 +149,7 @@ class _Bench:
     def __init__(self, stack: Stack, worker: Any, calls: int) -> None:
         self.stack, self.worker, self.calls = stack, worker, calls
         self.nodename = f"{worker.name}@{socket.gethostname()}"
-        self.done_key = f"bench:done:{worker.queue}"
+        self.done_key = f"bench:done:{worker.queues}"
         self.finished = 0
 
     def wait_finished(self, more: int) -> None:

@@ -45,8 +45,8 @@ class Stack:
     store: RedisServer = field(init=False)
 
     def __post_init__(self) -> None:
-        self.aux = RedisServer("aux").start()
-        self.store = RedisServer("store").start()
+        self.aux = RedisServer(name="aux").start()
+        self.store = RedisServer(name="store").start()
         self.effects = self.aux.client(EFFECTS_DB)
         # Tasks run in this process too (latency section: Task.apply()).
         os.environ[bench_app.ENV_EFFECTS] = self.aux.url(EFFECTS_DB)
@@ -92,13 +92,15 @@ class Stack:
             bench_app.ENV_READY: str(ready),
         }
         self.configure_publisher(broker, queue)
-        worker = Worker(env, pool=pool, concurrency=1 if pool == "solo" else concurrency,
-                        queue=queue, name=name, log_dir=self.log_dir)
+        worker = Worker("benchmarks.app", env, pool=pool,
+                        concurrency=1 if pool == "solo" else concurrency, queues=queue,
+                        name=name, log=self.log_dir / f"{name}.log", loglevel="WARNING",
+                        ready_file=ready)
         try:
-            worker.start()
+            worker.start(wait_ready=60.0)
             yield worker
         finally:
-            worker.stop()
+            worker.stop(timeout=20.0)
             self.delete_queue(broker, queue)
 
     def delete_queue(self, broker: str, queue: str) -> None:

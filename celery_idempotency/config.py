@@ -22,6 +22,7 @@ from .redact import redact_url
 PREFIX = "idempotency_"
 SEVEN_DAYS = 7 * 24 * 3600
 DEFAULT_LEASE = 60.0  # idempotency_lease when unset (a task's hard time limit may shorten it)
+TIME_LIMIT_MARGIN = 5.0  # a default lease outlasts a task's hard time limit by this much
 FAIL_CLOSED = "fail_closed"
 FAIL_OPEN = "fail_open"
 
@@ -36,26 +37,53 @@ FINGERPRINT_HEADER = "idempotency_fp"
 class IdempotencyConfig:
     """Resolved settings for one task (and, with headers, one message)."""
 
+    # Each field is a setting: ``idempotency_<field>`` in ``app.conf``, as a task option
+    # (``@app.task(base=IdempotentTask, idempotency_ttl=3600)`` or a class attribute), and for
+    # ``PER_MESSAGE`` ones per message. This class is the one list of them (`SETTING_NAMES`).
+
+    #: Where keys live: ``redis://...`` (also sentinel, cluster, unix) or ``memory://``
+    #: (tests). Required: there is no fallback to the broker.
     store_url: str
+    #: Seconds a key's record (and its cached outcome) is kept. Also per message.
     ttl: float = SEVEN_DAYS
-    lease: float | None = None  # None: 60 s, or less for a task with a short time limit
+    #: Seconds a claim is held without renewal before another worker may take it over.
+    #: None: `DEFAULT_LEASE`, or less for a task with a shorter hard time limit (`lease_ms`).
+    lease: float | None = None
+    #: Prefix of every key the store writes.
     key_prefix: str = "idem:"
+    #: When the store is unreachable: ``fail_closed`` (wait for it) or ``fail_open`` (run
+    #: unprotected).
     on_store_error: str = FAIL_CLOSED
+    #: False: the task is not deduplicated at all (Celery's own tasks are never).
     enabled: bool = True
+    #: The key's namespace; default: the task name. Also per message.
     scope: str | None = None
+    #: The arguments a derived key is made of (default: all of them).
     key_fields: tuple[str, ...] | None = None
+    #: A function of the task's arguments that returns its key.
     key_func: KeyFunc | None = None
+    #: Refuse to publish or run a message without an explicit key.
     require_key: bool = False
+    #: Exception classes cached as the outcome (replayed); other errors leave the key
+    #: retryable.
     cache_errors: tuple[type[BaseException], ...] = ()
+    #: Serializer of cached results.
     result_serializer: str = "json"
+    #: Largest cached result or error, in bytes.
     max_result_bytes: int = 512 * 1024
+    #: Longest pause, in seconds, before a duplicate looks again at a key another worker runs.
     busy_retry_delay: float = 1.0
+    #: Longest pause, in seconds, before a message refused by the store is tried again.
     store_retry_max_delay: float = 60.0
+    #: Seconds one store call may take.
     store_timeout: float = 2.0
+    #: Seconds an outcome write is retried while the store is unreachable.
     store_write_timeout: float = 300.0
+    #: Seconds a published message may take to reach a worker before its reservation is
+    #: taken as lost.
     pending_timeout: float = 600.0
-    # A store whose maxmemory-policy may evict records (they all have a TTL) is refused unless
-    # this is set: an evicted record is a task that runs again (store/eviction.py).
+    #: Accept a store whose maxmemory-policy may evict records (they all have a TTL): an
+    #: evicted record is a task that runs again (store/eviction.py).
     allow_evicting_store: bool = False
 
     @property
@@ -66,6 +94,16 @@ class IdempotencyConfig:
     def pending_ms(self) -> int:
         return int(self.pending_timeout * 1000)
 
+    def lease_ms(self, time_limit: float | None) -> int:
+        """``idempotency_lease``, else `DEFAULT_LEASE`; a task with a shorter hard
+        ``time_limit`` is killed by then, so its lease need not (and, to free its key sooner,
+        should not) outlast it."""
+        if self.lease is not None:
+            return int(self.lease * 1000)
+        lease = DEFAULT_LEASE
+        if time_limit and time_limit + TIME_LIMIT_MARGIN < lease:
+            lease = time_limit + TIME_LIMIT_MARGIN
+        return int(lease * 1000)
 
     @property
     def fail_open(self) -> bool:
@@ -180,11 +218,11 @@ def _validate(name: str, value: Any) -> Any:
             raise ConfigurationError(
                 f"{PREFIX}max_result_bytes must be a positive integer, got {value!r}")
         return value
-    raise ConfigurationError(  # pragma: no cover - guarded by check_names
+    raise ConfigurationError(  # pragma: no cover - guarded by reject_unknown_names
         f"unknown setting {PREFIX}{name}")
 
 
-def check_names(names: Sequence[str], where: str) -> None:
+def reject_unknown_names(names: Sequence[str], where: str) -> None:
     """Raise `ConfigurationError` for any ``idempotency_*`` name that is not a setting."""
     unknown = sorted(n for n in names if n.startswith(PREFIX)
                      and n[len(PREFIX):] not in SETTING_NAMES)
@@ -198,8 +236,8 @@ def resolve(app_conf: Mapping[str, Any], task_options: Mapping[str, Any],
             *, task_name: str = "?") -> IdempotencyConfig:
     """Build the config for one task: task option -> app setting -> default, validated."""
     app_names = [name for name in app_conf if isinstance(name, str) and name.startswith(PREFIX)]
-    check_names(app_names, "app setting(s)")
-    check_names(list(task_options), f"option(s) of task {task_name!r}")
+    reject_unknown_names(app_names, "app setting(s)")
+    reject_unknown_names(list(task_options), f"option(s) of task {task_name!r}")
     values: dict[str, Any] = {}
     for short in SETTING_NAMES:
         name = PREFIX + short

@@ -39,7 +39,7 @@ class RecordRef:
     scope: str
     key: str
 
-    def store_name(self, prefix: str) -> str:
+    def store_key(self, prefix: str) -> str:
         """Bounded, Cluster-safe name: the whole digest is the hash tag, so one slot per record.
 
         The user's key never appears in the name, so it can be neither a glob pattern nor an

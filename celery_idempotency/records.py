@@ -15,7 +15,8 @@ from typing import Any
 
 from .exceptions import CorruptRecord
 
-# Field names of a record (Redis hash fields). Keep in sync with store/lua/*.lua.
+# Field names of a record (Redis hash fields). The Lua scripts (store/lua) spell the same names;
+# tests/store/test_lua_contract.py checks that they use no other.
 F_KEY = "k"  # the key as the client gave it (or as derived)
 F_SCOPE = "s"
 F_TASK_NAME = "n"  # absent: the same as the scope
@@ -38,8 +39,11 @@ ALL_FIELDS = (F_KEY, F_SCOPE, F_TASK_NAME, F_STATE, F_TASK_ID, F_FINGERPRINT, F_
               F_FENCE, F_RESULT, F_CONTENT_TYPE, F_CONTENT_ENCODING, F_RESULT_STATUS, F_ERROR,
               F_RETRYABLE, F_CREATED, F_UPDATED, F_PENDING_DEADLINE)
 
-JSON_CONTENT_TYPE = "application/json"
-JSON_ENCODING = "utf-8"
+# "Absent means default": the values a record leaves out, since nearly every record has them.
+JSON_CONTENT_TYPE = "application/json"  # F_CONTENT_TYPE absent
+JSON_ENCODING = "utf-8"  # F_CONTENT_ENCODING absent
+# F_RESULT_STATUS absent: ResultStatus.STORED (DEFAULT_RESULT_STATUS, below)
+# F_TASK_NAME absent: the task name is the scope (`task_name_field`)
 
 
 class KeyState(str, enum.Enum):
@@ -57,6 +61,9 @@ class ResultStatus(str, enum.Enum):
     STORED = "stored"
     UNSERIALIZABLE = "unserializable"
     TOO_LARGE = "too_large"
+
+
+DEFAULT_RESULT_STATUS = ResultStatus.STORED.value
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,25 @@ class Record:
 
     def lease_expired(self, now_ms: int) -> bool:
         return self.state is KeyState.STARTED and (self.lease_expires_ms or 0) <= now_ms
+
+
+def result_meta_fields(content_type: str, content_encoding: str,
+                       result_status: str) -> dict[str, str]:
+    """A result's content type, encoding and status as record fields: only those that differ
+    from their default (absent means default)."""
+    fields = {}
+    if content_type != JSON_CONTENT_TYPE:
+        fields[F_CONTENT_TYPE] = content_type
+    if content_encoding != JSON_ENCODING:
+        fields[F_CONTENT_ENCODING] = content_encoding
+    if result_status != DEFAULT_RESULT_STATUS:
+        fields[F_RESULT_STATUS] = result_status
+    return fields
+
+
+def task_name_field(task_name: str, scope: str) -> dict[str, str]:
+    """The task name as a record field: none when it is the scope (the default scope)."""
+    return {} if task_name == scope else {F_TASK_NAME: task_name}
 
 
 def _text(fields: Mapping[str, bytes], name: str, store_key: str,
@@ -123,7 +149,7 @@ def decode_record(store_key: str, fields: Mapping[str, bytes]) -> Record | None:
     except ValueError as exc:
         raise CorruptRecord(f"record {store_key!r} has an unknown state {state_text!r}",
                             key=store_key) from exc
-    status_text = _text(fields, F_RESULT_STATUS, store_key, ResultStatus.STORED.value)
+    status_text = _text(fields, F_RESULT_STATUS, store_key, DEFAULT_RESULT_STATUS)
     try:
         result_status = ResultStatus(status_text)
     except ValueError as exc:

@@ -40,7 +40,8 @@ lease_taken_over = Signal(name="idempotency_lease_taken_over",
                           providing_args=_ARGS | {"previous_task_id", "fence"})
 #: A worker lost its claim before writing the outcome; nothing was written (``action``).
 ownership_lost = Signal(name="idempotency_ownership_lost", providing_args=_ARGS | {"action"})
-#: A claim was given up without an outcome: retry, dead child, revoke (``reason``).
+#: A claim ended without an outcome of the task's own (``reason``: ``retry``, ``ignore`` (the key
+#: was discarded), ``reject``, ``shutdown``, ``requeued``, ``abandoned``; see the README).
 claim_released = Signal(name="idempotency_claim_released", providing_args=_ARGS | {"reason"})
 
 _current_key: contextvars.ContextVar[str | None] = contextvars.ContextVar(

@@ -3,12 +3,12 @@ revoked, so that its key does not stay claimed until the lease runs out.
 
 A custom ``Request`` class (``Task.Request``) is Celery's extension point for what happens in
 the main process when a task ends; the task's own code cannot run after its process is gone.
+The claim is given up by `protocol.abandon`; this class decides when, and how (requeued or not).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,12 +17,10 @@ from celery.exceptions import TaskRevokedError
 from celery.utils.serialization import get_pickled_exception
 from celery.worker.request import Request
 
-from . import celery_compat, signals
-from .exceptions import IdempotencyError
+from . import celery_compat
 from .leases import owner_prefix
-from .outcomes import encode_error
-
-logger = logging.getLogger("celery_idempotency")
+from .protocol import KeyTarget, abandon
+from .store import KeyStore
 
 
 class IdempotentRequest(Request):  # type: ignore[misc]
@@ -102,27 +100,11 @@ class IdempotentRequest(Request):  # type: ignore[misc]
 
     def _abandon(self, *, requeued: bool, error: BaseException) -> None:
         task = self.task
-        try:
-            context = task.key_context_of_message(self.args, self.kwargs, self.request_dict)
-            store = task.idem_store(context.config)
-            prefix = owner_prefix(self.worker_pid) if self.worker_pid else ""
-            changed = store.abandon(context.ref, task_id=self.id, owner_prefix=prefix,
-                                    requeued=requeued, error=encode_error(error),
-                                    ttl_ms=context.config.ttl_ms,
-                                    pending_ms=context.config.pending_ms)
-        except Exception as exc:
-            # Never let the store break Celery's handling of the message (it runs around this
-            # call, in the worker's main process): an unavailable, misconfigured or corrupt
-            # store only means the lease has to run out instead.
-            logger.error("%s[%s]: could not give up its claim after %r: %s; it stays until "
-                         "its lease expires", self.name, self.id, error, exc,
-                         exc_info=not isinstance(exc, IdempotencyError))
-            return
-        if changed:
-            signals.claim_released.send(sender=task, key=context.ref.key,
-                                        scope=context.ref.scope, task_id=self.id,
-                                        reason="requeued" if requeued else "abandoned")
-            logger.warning("%s[%s] key=%r: %s; claim given up (%s)", self.name, self.id,
-                           context.ref.key, error or type(error).__name__,
-                           "pending for the redelivery" if requeued
-                           else "failed, the next publish runs it")
+
+        def locate() -> tuple[KeyTarget, KeyStore]:
+            target = task.key_target_of_message(self.args, self.kwargs, self.request_dict)
+            return target, task.idem_store(target.config)
+
+        abandon(locate, sender=task, task_name=self.name, task_id=self.id,
+                owner_prefix=owner_prefix(self.worker_pid) if self.worker_pid else "",
+                requeued=requeued, error=error)

@@ -4,23 +4,35 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.services import RedisCluster, RedisSentinel, RedisServer
+from tests.support.services import RedisCluster, RedisSentinel, RedisServer, ServiceMissing
+from tests.support.skipping import missing_service
+
+
+def _missing_service_policy(item: pytest.Item) -> Iterator[None]:
+    """A service the test or one of its fixtures needs is missing (`ServiceMissing`): skip
+    locally, fail under CI."""
+    try:
+        return (yield)
+    except ServiceMissing as exc:
+        missing_service(str(exc))
+
+
+pytest_runtest_setup = pytest.hookimpl(wrapper=True)(_missing_service_policy)
+pytest_runtest_call = pytest.hookimpl(wrapper=True)(_missing_service_policy)
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """One private redis-server for the session; tests use their own databases or flush it."""
-    server = RedisServer().start()
-    yield server
-    server.close()
+    with RedisServer() as server:
+        yield server
 
 
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A private redis-server for one test, free to be killed and restarted."""
-    server = RedisServer().start()
-    yield server
-    server.close()
+    with RedisServer() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

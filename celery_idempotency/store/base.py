@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from ..exceptions import CorruptRecord, IdempotencyKeyMismatch, OwnershipLost
 from ..keys import RecordRef
-from ..records import F_STATE, Record, decode_record
+from ..records import F_FENCE, F_STATE, F_TASK_ID, F_UPDATED, Record, decode_record
 
 
 class ReserveStatus(str, enum.Enum):
@@ -59,6 +59,9 @@ class Claim:
     fence: int = 0
     record: Record | None = None  # the record as found, for BUSY, SUCCEEDED and FAILED
     previous_task_id: str | None = None  # for TAKEN_OVER
+    # For BUSY: how long the live owner's lease still runs, by the store's clock (so that the
+    # caller knows when to look again without asking the store for the time).
+    lease_remaining_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,7 @@ class KeyStore(abc.ABC):
         """``started`` -> ``failed`` with the error (JSON). Raises `OwnershipLost`."""
 
     @abc.abstractmethod
-    def release(self, ref: RecordRef, *, owner: str, pending_ms: int,
+    def requeue(self, ref: RecordRef, *, owner: str, pending_ms: int,
                 ttl_ms: int | None = None) -> bool:
         """``started`` -> ``pending``, same task id (a retry, or a claim given up for a
         requeued message), with a pending deadline ``pending_ms`` from now: should the message
@@ -217,8 +220,8 @@ def ownership_lost_error(ref: RecordRef, owner: str, record: Record | None,
 
 def unchanged_conditions(record: Record) -> dict[str, str]:
     """Field values that identify this exact version of a record (for compare-and-delete)."""
-    return {"st": record.state.value, "u": str(record.updated_ms), "f": str(record.fence),
-            "t": record.task_id}
+    return {F_STATE: record.state.value, F_UPDATED: str(record.updated_ms),
+            F_FENCE: str(record.fence), F_TASK_ID: record.task_id}
 
 
 def make_entry(store_key: str, fields: Mapping[str, bytes], ttl_ms: int | None) -> Entry | None:

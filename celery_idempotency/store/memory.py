@@ -17,7 +17,30 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from ..keys import RecordRef
-from ..records import F_RESULT, Record, decode_record
+from ..records import (
+    F_CONTENT_ENCODING,
+    F_CONTENT_TYPE,
+    F_CREATED,
+    F_ERROR,
+    F_FENCE,
+    F_FINGERPRINT,
+    F_KEY,
+    F_LEASE,
+    F_OWNER,
+    F_PENDING_DEADLINE,
+    F_RESULT,
+    F_RESULT_STATUS,
+    F_RETRYABLE,
+    F_SCOPE,
+    F_STATE,
+    F_TASK_ID,
+    F_UPDATED,
+    KeyState,
+    Record,
+    decode_record,
+    result_meta_fields,
+    task_name_field,
+)
 from .base import (
     Claim,
     ClaimStatus,
@@ -34,9 +57,20 @@ from .base import (
 
 Fields = dict[str, bytes]
 
+# States as stored (bytes, like a Redis hash's values).
+PENDING, STARTED, SUCCEEDED, FAILED = (state.value.encode() for state in KeyState)
+# What a claim clears: the outcome of the state it leaves, and a pending deadline.
+_CLEARED_BY_CLAIM = (F_RESULT, F_CONTENT_TYPE, F_CONTENT_ENCODING, F_RESULT_STATUS, F_ERROR,
+                     F_RETRYABLE, F_PENDING_DEADLINE)
 
-def _b(value: object) -> bytes:
+
+def _field(value: object) -> bytes:
+    """A value as a record field holds it (Redis stores every value as bytes)."""
     return value if isinstance(value, bytes) else str(value).encode("utf-8")
+
+
+def _fields(values: Mapping[str, object]) -> Fields:
+    return {name: _field(value) for name, value in values.items()}
 
 
 class MemoryKeyStore(KeyStore):
@@ -55,8 +89,8 @@ class MemoryKeyStore(KeyStore):
     def now_ms(self) -> int:
         return self._clock_us() // 1000
 
-    def name_of(self, ref: RecordRef) -> str:
-        return ref.store_name(self.prefix)
+    def store_key(self, ref: RecordRef) -> str:
+        return ref.store_key(self.prefix)
 
     def _live(self, name: str, now: int) -> Fields | None:
         """The record, or None when absent or past its TTL (dropped lazily, like Redis)."""
@@ -83,79 +117,83 @@ class MemoryKeyStore(KeyStore):
 
     @staticmethod
     def _lease_alive(fields: Fields, now: int) -> bool:
-        return int(fields.get("l", b"0")) > now
+        return int(fields.get(F_LEASE, b"0")) > now
 
     def reserve(self, ref: RecordRef, *, task_id: str, fingerprint: str, task_name: str,
                 ttl_ms: int, pending_ms: int = 600_000) -> Reservation:
-        name = self.name_of(ref)
+        name = self.store_key(ref)
         with self._lock:
             now = self.now_ms()
             fields = self._live(name, now)
             fence = b"0"
             if fields is not None:
                 record = self._decode(name, fields)
-                if fields.get("fp") != _b(fingerprint):
+                if fields.get(F_FINGERPRINT) != _field(fingerprint):
                     raise mismatch_error(ref, record)
-                state = fields["st"]
-                if state == b"pending" and fields.get("t") == _b(task_id):
+                state = fields[F_STATE]
+                if state == PENDING and fields.get(F_TASK_ID) == _field(task_id):
                     return Reservation(ReserveStatus.RESERVED)
-                if state == b"pending" and "pd" in fields and int(fields["pd"]) <= now:
-                    replaced = fields["t"].decode("utf-8")
-                    fields.update({"t": _b(task_id), "pd": _b(now + int(pending_ms)),
-                                   "u": _b(now)})
+                deadline = fields.get(F_PENDING_DEADLINE)
+                if state == PENDING and deadline is not None and int(deadline) <= now:
+                    replaced = fields[F_TASK_ID].decode("utf-8")
+                    fields.update(_fields({F_TASK_ID: task_id,
+                                           F_PENDING_DEADLINE: now + int(pending_ms),
+                                           F_UPDATED: now}))
                     self._expire_at_least(name, max(int(ttl_ms), int(pending_ms)), now)
                     return Reservation(ReserveStatus.RESERVED, replaced_task_id=replaced)
-                if state == b"started" and not self._lease_alive(fields, now):
+                if state == STARTED and not self._lease_alive(fields, now):
                     return Reservation(ReserveStatus.STALE, record)
-                if not (state == b"failed" and fields.get("ry") == b"1"):
+                if not (state == FAILED and fields.get(F_RETRYABLE) == b"1"):
                     return Reservation(ReserveStatus.DUPLICATE, record)
-                fence = fields.get("f", b"0")
+                fence = fields.get(F_FENCE, b"0")
                 self._delete(name)
-            fields = {"k": _b(ref.key), "s": _b(ref.scope), "st": b"pending", "t": _b(task_id),
-                      "fp": _b(fingerprint), "f": fence, "c": _b(now), "u": _b(now),
-                      "pd": _b(now + int(pending_ms))}
-            if task_name != ref.scope:  # kept only when it is not the scope (the default)
-                fields["n"] = _b(task_name)
-            self._records[name] = fields
+            self._records[name] = _fields({
+                F_KEY: ref.key, F_SCOPE: ref.scope, F_STATE: PENDING, F_TASK_ID: task_id,
+                F_FINGERPRINT: fingerprint, F_FENCE: fence, F_CREATED: now, F_UPDATED: now,
+                F_PENDING_DEADLINE: now + int(pending_ms),
+                **task_name_field(task_name, ref.scope)})
             self._expire(name, max(int(ttl_ms), int(pending_ms)), now)
             return Reservation(ReserveStatus.RESERVED)
 
     def _discard_if(self, ref: RecordRef, conditions: Mapping[str, str]) -> bool:
-        name = self.name_of(ref)
+        name = self.store_key(ref)
         with self._lock:
             fields = self._live(name, self.now_ms())
-            if fields is None or any(fields.get(f) != _b(v) for f, v in conditions.items()):
+            if fields is None or any(fields.get(field) != _field(value)
+                                     for field, value in conditions.items()):
                 return False
             self._delete(name)
             return True
 
     def unreserve(self, ref: RecordRef, *, task_id: str) -> bool:
-        return self._discard_if(ref, {"t": task_id, "st": "pending"})
+        return self._discard_if(ref, {F_TASK_ID: task_id, F_STATE: KeyState.PENDING.value})
 
     def discard(self, ref: RecordRef, *, owner: str) -> bool:
-        return self._discard_if(ref, {"o": owner, "st": "started"})
+        return self._discard_if(ref, {F_OWNER: owner, F_STATE: KeyState.STARTED.value})
 
     def abandon(self, ref: RecordRef, *, task_id: str, owner_prefix: str, requeued: bool,
                 error: str, ttl_ms: int, pending_ms: int) -> bool:
-        name = self.name_of(ref)
+        name = self.store_key(ref)
         with self._lock:
             now = self.now_ms()
             fields = self._live(name, now)
-            if fields is None or fields.get("t") != _b(task_id):
+            if fields is None or fields.get(F_TASK_ID) != _field(task_id):
                 return False
-            if fields["st"] == b"started":
-                owner = fields.get("o", b"")
-                if not owner_prefix or not owner.startswith(_b(owner_prefix)):
+            if fields[F_STATE] == STARTED:
+                owner = fields.get(F_OWNER, b"")
+                if not owner_prefix or not owner.startswith(_field(owner_prefix)):
                     return False
-            elif fields["st"] != b"pending":
+            elif fields[F_STATE] != PENDING:
                 return False
-            fields.pop("l", None)
-            fields.pop("pd", None)
+            fields.pop(F_LEASE, None)
+            fields.pop(F_PENDING_DEADLINE, None)
             if requeued:
-                fields.update({"st": b"pending", "u": _b(now), "pd": _b(now + int(pending_ms))})
+                fields.update(_fields({F_STATE: PENDING, F_UPDATED: now,
+                                       F_PENDING_DEADLINE: now + int(pending_ms)}))
                 self._expire_at_least(name, pending_ms, now)
             else:
-                fields.update({"st": b"failed", "e": _b(error), "ry": b"1", "u": _b(now)})
+                fields.update(_fields({F_STATE: FAILED, F_ERROR: error, F_RETRYABLE: b"1",
+                                       F_UPDATED: now}))
                 self._expire(name, ttl_ms, now)
             return True
 
@@ -164,97 +202,93 @@ class MemoryKeyStore(KeyStore):
 
     def claim(self, ref: RecordRef, *, task_id: str, owner: str, fingerprint: str,
               task_name: str, lease_ms: int, ttl_ms: int) -> Claim:
-        name = self.name_of(ref)
+        name = self.store_key(ref)
         with self._lock:
             now_us = self._clock_us()
             now = now_us // 1000
             fields = self._live(name, now)
 
             def take(status: ClaimStatus, fields: Fields) -> Claim:
-                previous = fields.get("t", b"").decode("utf-8")
+                previous = fields.get(F_TASK_ID, b"").decode("utf-8")
                 # Above the last fence, never below the clock in µs: monotonic across deletion.
-                fence = max(int(fields.get("f", b"0")) + 1, now_us)
-                for gone in ("r", "ct", "ce", "rs", "e", "ry", "pd"):
+                fence = max(int(fields.get(F_FENCE, b"0")) + 1, now_us)
+                for gone in _CLEARED_BY_CLAIM:
                     fields.pop(gone, None)
-                fields.update({"st": b"started", "t": _b(task_id), "o": _b(owner),
-                               "l": _b(now + int(lease_ms)), "u": _b(now), "f": _b(fence)})
+                fields.update(_fields({F_STATE: STARTED, F_TASK_ID: task_id, F_OWNER: owner,
+                                       F_LEASE: now + int(lease_ms), F_UPDATED: now,
+                                       F_FENCE: fence}))
                 self._expire(name, max(int(ttl_ms), int(lease_ms)), now)
                 return Claim(status, fence=fence, previous_task_id=previous or None)
 
             if fields is None:
-                fields = {"k": _b(ref.key), "s": _b(ref.scope), "fp": _b(fingerprint),
-                          "c": _b(now)}
-                if task_name != ref.scope:
-                    fields["n"] = _b(task_name)
+                fields = _fields({F_KEY: ref.key, F_SCOPE: ref.scope, F_FINGERPRINT: fingerprint,
+                                  F_CREATED: now, **task_name_field(task_name, ref.scope)})
                 self._records[name] = fields
                 return take(ClaimStatus.CLAIMED, fields)
             record = self._decode(name, fields)
-            if fields.get("fp") != _b(fingerprint):
+            if fields.get(F_FINGERPRINT) != _field(fingerprint):
                 raise mismatch_error(ref, record)
-            state = fields["st"]
-            if state == b"pending":
+            state = fields[F_STATE]
+            if state == PENDING:
                 return take(ClaimStatus.CLAIMED, fields)
-            if state == b"started":
-                if fields.get("o") == _b(owner):  # our own claim, asked again: lease from now
-                    fields["l"] = _b(now + int(lease_ms))
+            if state == STARTED:
+                if fields.get(F_OWNER) == _field(owner):  # our own claim, asked again
+                    fields[F_LEASE] = _field(now + int(lease_ms))  # the lease counts from now
                     self._expire(name, max(int(ttl_ms), int(lease_ms)), now)
-                    return Claim(ClaimStatus.CLAIMED, fence=int(fields.get("f", b"0")),
-                                 previous_task_id=fields["t"].decode("utf-8") or None)
+                    return Claim(ClaimStatus.CLAIMED, fence=int(fields.get(F_FENCE, b"0")),
+                                 previous_task_id=fields[F_TASK_ID].decode("utf-8") or None)
                 if self._lease_alive(fields, now):
-                    return Claim(ClaimStatus.BUSY, record=record)
+                    return Claim(ClaimStatus.BUSY, record=record,
+                                 lease_remaining_ms=int(fields[F_LEASE]) - now)
                 return take(ClaimStatus.TAKEN_OVER, fields)
-            if state == b"succeeded":
+            if state == SUCCEEDED:
                 return Claim(ClaimStatus.SUCCEEDED, record=record)
-            if fields.get("ry") == b"1" and fields.get("t") != _b(task_id):
+            if fields.get(F_RETRYABLE) == b"1" and fields.get(F_TASK_ID) != _field(task_id):
                 return take(ClaimStatus.CLAIMED, fields)
             return Claim(ClaimStatus.FAILED, record=record)
 
     def _finish(self, ref: RecordRef, owner: str, final: bytes, updates: Fields,
                 ttl_ms: int, action: str) -> None:
-        name = self.name_of(ref)
+        name = self.store_key(ref)
         with self._lock:
             now = self.now_ms()
             fields = self._live(name, now)
-            if fields is not None and fields.get("o") == _b(owner):
-                if fields["st"] == final:
+            if fields is not None and fields.get(F_OWNER) == _field(owner):
+                if fields[F_STATE] == final:
                     return  # our own write, retried
-                if fields["st"] == b"started":
-                    fields.pop("l", None)
+                if fields[F_STATE] == STARTED:
+                    fields.pop(F_LEASE, None)
                     fields.update(updates)
-                    fields.update({"st": final, "u": _b(now)})
+                    fields.update(_fields({F_STATE: final, F_UPDATED: now}))
                     self._expire(name, ttl_ms, now)
                     return
             raise ownership_lost_error(ref, owner, self._decode(name, fields), action)
 
     def complete(self, ref: RecordRef, *, owner: str, result: ResultPayload, ttl_ms: int) -> None:
-        updates: Fields = {"r": result.data}
-        if result.content_type != "application/json":
-            updates["ct"] = _b(result.content_type)
-        if result.content_encoding != "utf-8":
-            updates["ce"] = _b(result.content_encoding)
-        if result.status != "stored":
-            updates["rs"] = _b(result.status)
-        self._finish(ref, owner, b"succeeded", updates, ttl_ms, "complete")
+        updates = _fields({F_RESULT: result.data, **result_meta_fields(
+            result.content_type, result.content_encoding, result.status)})
+        self._finish(ref, owner, SUCCEEDED, updates, ttl_ms, "complete")
 
     def fail(self, ref: RecordRef, *, owner: str, error: str, retryable: bool,
              ttl_ms: int) -> None:
-        updates = {"e": _b(error), "ry": b"1" if retryable else b"0"}
-        self._finish(ref, owner, b"failed", updates, ttl_ms, "fail")
+        updates = _fields({F_ERROR: error, F_RETRYABLE: b"1" if retryable else b"0"})
+        self._finish(ref, owner, FAILED, updates, ttl_ms, "fail")
 
-    def release(self, ref: RecordRef, *, owner: str, pending_ms: int,
+    def requeue(self, ref: RecordRef, *, owner: str, pending_ms: int,
                 ttl_ms: int | None = None) -> bool:
-        name = self.name_of(ref)
+        name = self.store_key(ref)
         with self._lock:
             now = self.now_ms()
             fields = self._live(name, now)
-            if fields is None or fields.get("o") != _b(owner):
+            if fields is None or fields.get(F_OWNER) != _field(owner):
                 return False
-            if fields["st"] == b"pending":
-                return True
-            if fields["st"] != b"started":
+            if fields[F_STATE] == PENDING:
+                return True  # our own write, retried
+            if fields[F_STATE] != STARTED:
                 return False
-            fields.pop("l", None)
-            fields.update({"st": b"pending", "u": _b(now), "pd": _b(now + int(pending_ms))})
+            fields.pop(F_LEASE, None)
+            fields.update(_fields({F_STATE: PENDING, F_UPDATED: now,
+                                   F_PENDING_DEADLINE: now + int(pending_ms)}))
             if ttl_ms is not None:
                 self._expire(name, max(int(ttl_ms), int(pending_ms)), now)
             else:
@@ -262,18 +296,19 @@ class MemoryKeyStore(KeyStore):
             return True
 
     def renew(self, ref: RecordRef, *, owner: str, lease_ms: int) -> bool:
-        name = self.name_of(ref)
+        name = self.store_key(ref)
         with self._lock:
             now = self.now_ms()
             fields = self._live(name, now)
-            if fields is None or fields.get("o") != _b(owner) or fields["st"] != b"started":
+            if (fields is None or fields.get(F_OWNER) != _field(owner)
+                    or fields[F_STATE] != STARTED):
                 return False
-            fields["l"] = _b(now + int(lease_ms))
+            fields[F_LEASE] = _field(now + int(lease_ms))
             self._expire_at_least(name, lease_ms, now)
             return True
 
     def get(self, ref: RecordRef) -> Record | None:
-        name = self.name_of(ref)
+        name = self.store_key(ref)
         with self._lock:
             return self._decode(name, self._live(name, self.now_ms()))
 
@@ -294,7 +329,7 @@ class MemoryKeyStore(KeyStore):
                 yield entry
 
     def entry(self, ref: RecordRef) -> Entry | None:
-        name = self.name_of(ref)
+        name = self.store_key(ref)
         with self._lock:
             now = self.now_ms()
             fields = self._live(name, now)
@@ -319,4 +354,4 @@ class MemoryKeyStore(KeyStore):
     def put_raw(self, ref: RecordRef, fields: dict[str, bytes]) -> None:
         """Write raw fields (tests: simulate a record written by something else)."""
         with self._lock:
-            self._records[self.name_of(ref)] = dict(fields)
+            self._records[self.store_key(ref)] = dict(fields)

@@ -18,7 +18,21 @@ from redis.exceptions import RedisClusterException
 
 from ..exceptions import CorruptRecord
 from ..keys import RecordRef
-from ..records import ALL_FIELDS, F_RESULT, Record, decode_record, fields_from_flat
+from ..records import (
+    ALL_FIELDS,
+    F_CONTENT_ENCODING,
+    F_CONTENT_TYPE,
+    F_OWNER,
+    F_RESULT,
+    F_RESULT_STATUS,
+    F_STATE,
+    F_TASK_ID,
+    KeyState,
+    Record,
+    decode_record,
+    fields_from_flat,
+    result_meta_fields,
+)
 from .base import (
     Claim,
     ClaimStatus,
@@ -36,11 +50,43 @@ from .base import (
 from .connect import redis_client
 from .errors import Fault, classify, corrupt_record, reply_text, script_failed, store_error
 
-_SCRIPTS = ("reserve", "discard", "claim", "complete", "fail", "release", "renew", "abandon")
+# Each script's ARGV, in order: the one place the Python side spells it (the store and the
+# benchmarks build their arguments with `script_args`). Each script names the same values at
+# its top (tests/store/test_lua_contract.py checks both agree). discard takes field/value pairs.
+SCRIPT_ARGS: dict[str, tuple[str, ...]] = {
+    "reserve": ("task_id", "fingerprint", "key", "scope", "task_name", "ttl_ms", "pending_ms"),
+    "claim": ("task_id", "owner", "fingerprint", "key", "scope", "task_name", "lease_ms",
+              "ttl_ms"),
+    "complete": ("owner", "result", "content_type", "content_encoding", "result_status",
+                 "ttl_ms"),
+    "fail": ("owner", "error", "retryable", "ttl_ms"),
+    "requeue": ("owner", "ttl_ms", "pending_ms"),
+    "renew": ("owner", "lease_ms"),
+    "abandon": ("task_id", "owner_prefix", "to_state", "error", "ttl_ms", "pending_ms"),
+}
+_SCRIPTS = (*SCRIPT_ARGS, "discard")
 # Every failure of a call to Redis; store/errors.py says what each one means.
 _REDIS_ERRORS = (redis.RedisError, RedisClusterException)
 
 T = TypeVar("T")
+
+
+def script_args(script: str, **values: Any) -> list[Any]:
+    """``values`` as ``script``'s ARGV, in its order."""
+    names = SCRIPT_ARGS[script]
+    if len(values) != len(names):
+        raise TypeError(f"{script}.lua takes {', '.join(names)}; got {', '.join(values)}")
+    return [values[name] for name in names]
+
+
+def complete_args(*, owner: str, result: ResultPayload, ttl_ms: int) -> list[Any]:
+    """complete.lua's ARGV for ``result``: a default content type, encoding or status is passed
+    as '' and left out of the record (absent means default: records.py)."""
+    meta = result_meta_fields(result.content_type, result.content_encoding, result.status)
+    return script_args("complete", owner=owner, result=result.data,
+                       content_type=meta.get(F_CONTENT_TYPE, ""),
+                       content_encoding=meta.get(F_CONTENT_ENCODING, ""),
+                       result_status=meta.get(F_RESULT_STATUS, ""), ttl_ms=ttl_ms)
 
 
 def _load_script(name: str) -> str:
@@ -79,8 +125,8 @@ class RedisKeyStore(KeyStore):
         """A store on a single server, a Sentinel-managed master or a Cluster (see connect)."""
         return cls(redis_client(url, timeout=timeout), prefix=prefix)
 
-    def name_of(self, ref: RecordRef) -> str:
-        return ref.store_name(self.prefix)
+    def store_key(self, ref: RecordRef) -> str:
+        return ref.store_key(self.prefix)
 
     def _call(self, ref: RecordRef | None, action: Callable[..., T], *args: Any) -> T:
         """Run one call; a failure becomes `StoreUnavailable` (transient: connection errors
@@ -91,7 +137,7 @@ class RedisKeyStore(KeyStore):
             raise self._error(exc, ref) from exc
 
     def _error(self, exc: BaseException, ref: RecordRef | None) -> Exception:
-        store_key = self.name_of(ref) if ref is not None else None
+        store_key = self.store_key(ref) if ref is not None else None
         error = store_error(exc, key=ref.key if ref else None, store_key=store_key,
                             prefix=self.prefix)
         if ref is not None and classify(exc) is Fault.SCRIPT_RUNTIME:
@@ -108,15 +154,16 @@ class RedisKeyStore(KeyStore):
 
     def _run(self, name: str, ref: RecordRef, args: Sequence[Any]) -> Any:
         script = self._scripts[name]
-        return self._call(ref, lambda: script(keys=[self.name_of(ref)], args=list(args)))
+        return self._call(ref, lambda: script(keys=[self.store_key(ref)], args=list(args)))
 
     def _record(self, ref: RecordRef, flat: Sequence[Any]) -> Record | None:
-        return decode_record(self.name_of(ref), fields_from_flat(flat))
+        return decode_record(self.store_key(ref), fields_from_flat(flat))
 
     def reserve(self, ref: RecordRef, *, task_id: str, fingerprint: str, task_name: str,
                 ttl_ms: int, pending_ms: int = 600_000) -> Reservation:
-        reply = self._run("reserve", ref, [task_id, fingerprint, ref.key, ref.scope, task_name,
-                                           ttl_ms, pending_ms])
+        reply = self._run("reserve", ref, script_args(
+            "reserve", task_id=task_id, fingerprint=fingerprint, key=ref.key, scope=ref.scope,
+            task_name=task_name, ttl_ms=ttl_ms, pending_ms=pending_ms))
         status = _text(reply[0])
         if status == "reserved":
             return Reservation(ReserveStatus.RESERVED,
@@ -131,61 +178,66 @@ class RedisKeyStore(KeyStore):
         return bool(self._run("discard", ref, args))
 
     def unreserve(self, ref: RecordRef, *, task_id: str) -> bool:
-        return self._discard_if(ref, {"t": task_id, "st": "pending"})
+        return self._discard_if(ref, {F_TASK_ID: task_id, F_STATE: KeyState.PENDING.value})
 
     def claim(self, ref: RecordRef, *, task_id: str, owner: str, fingerprint: str,
               task_name: str, lease_ms: int, ttl_ms: int) -> Claim:
-        reply = self._run("claim", ref, [task_id, owner, fingerprint, ref.key, ref.scope,
-                                         task_name, lease_ms, ttl_ms])
+        reply = self._run("claim", ref, script_args(
+            "claim", task_id=task_id, owner=owner, fingerprint=fingerprint, key=ref.key,
+            scope=ref.scope, task_name=task_name, lease_ms=lease_ms, ttl_ms=ttl_ms))
         status = _text(reply[0])
         if status in ("claimed", "taken_over"):
             previous = _text(reply[2]) if len(reply) > 2 else None
             return Claim(ClaimStatus(status), fence=int(reply[1]),
                          previous_task_id=previous or None)
+        if status == "busy":  # {'busy', lease_remaining_ms, <record fields>...}
+            return Claim(ClaimStatus.BUSY, record=self._record(ref, reply[2:]),
+                         lease_remaining_ms=int(reply[1]))
         record = self._record(ref, reply[1:])
         if status == "mismatch":
             raise mismatch_error(ref, record)
         return Claim(ClaimStatus(status), record=record)
 
     def complete(self, ref: RecordRef, *, owner: str, result: ResultPayload, ttl_ms: int) -> None:
-        json_default = result.content_type == "application/json"
-        reply = self._run("complete", ref, [
-            owner, result.data, "" if json_default else result.content_type,
-            "" if result.content_encoding == "utf-8" else result.content_encoding,
-            "" if result.status == "stored" else result.status, ttl_ms])
+        reply = self._run("complete", ref, complete_args(owner=owner, result=result,
+                                                         ttl_ms=ttl_ms))
         self._check_owner(ref, owner, reply, "complete")
 
     def fail(self, ref: RecordRef, *, owner: str, error: str, retryable: bool,
              ttl_ms: int) -> None:
-        reply = self._run("fail", ref, [owner, error, "1" if retryable else "0", ttl_ms])
+        reply = self._run("fail", ref, script_args(
+            "fail", owner=owner, error=error, retryable="1" if retryable else "0", ttl_ms=ttl_ms))
         self._check_owner(ref, owner, reply, "fail")
 
     def _check_owner(self, ref: RecordRef, owner: str, reply: Sequence[Any], action: str) -> None:
         if _text(reply[0]) != "ok":
             raise ownership_lost_error(ref, owner, self._record(ref, reply[1:]), action)
 
-    def release(self, ref: RecordRef, *, owner: str, pending_ms: int,
+    def requeue(self, ref: RecordRef, *, owner: str, pending_ms: int,
                 ttl_ms: int | None = None) -> bool:
-        return bool(self._run("release", ref, [owner, "" if ttl_ms is None else ttl_ms,
-                                               pending_ms]))
+        return bool(self._run("requeue", ref, script_args(
+            "requeue", owner=owner, ttl_ms="" if ttl_ms is None else ttl_ms,
+            pending_ms=pending_ms)))
 
     def renew(self, ref: RecordRef, *, owner: str, lease_ms: int) -> bool:
-        return bool(self._run("renew", ref, [owner, lease_ms]))
+        return bool(self._run("renew", ref, script_args("renew", owner=owner,
+                                                        lease_ms=lease_ms)))
 
     def discard(self, ref: RecordRef, *, owner: str) -> bool:
-        return self._discard_if(ref, {"o": owner, "st": "started"})
+        return self._discard_if(ref, {F_OWNER: owner, F_STATE: KeyState.STARTED.value})
 
     def abandon(self, ref: RecordRef, *, task_id: str, owner_prefix: str, requeued: bool,
                 error: str, ttl_ms: int, pending_ms: int) -> bool:
-        return bool(self._run("abandon", ref, [task_id, owner_prefix,
-                                               "pending" if requeued else "failed", error,
-                                               ttl_ms, pending_ms]))
+        to_state = KeyState.PENDING if requeued else KeyState.FAILED
+        return bool(self._run("abandon", ref, script_args(
+            "abandon", task_id=task_id, owner_prefix=owner_prefix, to_state=to_state.value,
+            error=error, ttl_ms=ttl_ms, pending_ms=pending_ms)))
 
     def delete_if_unchanged(self, record: Record) -> bool:
         return self._discard_if(RecordRef(record.scope, record.key), unchanged_conditions(record))
 
     def get(self, ref: RecordRef) -> Record | None:
-        name = self.name_of(ref)
+        name = self.store_key(ref)
         fields = self._call(ref, self.client.hgetall, name)
         return decode_record(name, _fields(fields))
 
@@ -260,7 +312,7 @@ class RedisKeyStore(KeyStore):
                 yield entry
 
     def entry(self, ref: RecordRef) -> Entry | None:
-        return next(self._read_entries([self.name_of(ref)], True, ref=ref), None)
+        return next(self._read_entries([self.store_key(ref)], True, ref=ref), None)
 
     def memory_usage(self, store_keys: Sequence[str]) -> list[int | None]:
         pipe = self.client.pipeline(transaction=False)

@@ -28,11 +28,10 @@ import time
 import uuid
 from typing import Any
 
-import redis
 from celery import Celery
-from kombu import pools
 
 from celery_idempotency import IdempotentTask
+from tests.support.apps import RedisFromEnv, point_app_at
 
 PENDING_TIMEOUT = 5.0
 
@@ -79,17 +78,12 @@ app.conf.update(json.loads(os.environ.get("CHAOS_EXTRA_CONF") or "{}"))
 
 LEASE = 3.0  # short, so that a key whose worker died with its main process is free soon
 
-_effects: redis.Redis | None = None
 # The execution the body of the current task recorded (the body runs under a copy of the
 # request, so it cannot hand this back through self.request).
 _current = threading.local()
 
 
-def effects() -> redis.Redis:
-    global _effects
-    if _effects is None:
-        _effects = redis.Redis.from_url(os.environ["CHAOS_EFFECTS_URL"])
-    return _effects
+effects = RedisFromEnv("CHAOS_EFFECTS_URL")  # effects(): the effects db's client
 
 
 def environment(broker_url: str, store_url: str, effects_url: str, queue: str) -> dict[str, str]:
@@ -101,14 +95,9 @@ def environment(broker_url: str, store_url: str, effects_url: str, queue: str) -
 def configure(broker_url: str, store_url: str, effects_url: str, queue: str) -> None:
     """Point this process's app (the test's own publisher) at a run, forgetting the broker
     connections, queue declarations and resolved idempotency settings of an earlier run."""
-    global _effects
     os.environ.update(environment(broker_url, store_url, effects_url, queue))
-    _effects = None
-    app.conf.update(settings(broker_url, store_url, queue))
-    app._pool = None
-    app.__dict__.pop("amqp", None)
-    pools.reset()
-    work.__dict__.pop("_idem_config_cache", None)
+    effects.reset()
+    point_app_at(app, **settings(broker_url, store_url, queue))
 
 
 class ChaosTask(IdempotentTask):

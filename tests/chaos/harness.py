@@ -66,9 +66,9 @@ from celery_idempotency import KeyState, RecordRef
 from celery_idempotency.outcomes import decode_result
 from celery_idempotency.result import accept_for
 from tests.chaos import chaos_app
-from tests.chaos.procs import children_of, group_members, wait_gone
 from tests.chaos.publisher import Entry, Published, run_schedule
 from tests.chaos.stores import SentinelStore, accept_writes, primary_of, refuse_writes
+from tests.support.procs import children_of, group_members, wait_gone
 from tests.support.services import RedisServer
 from tests.support.workers import ROOT, Worker
 

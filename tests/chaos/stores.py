@@ -2,9 +2,9 @@
 
 - `RedisServer` (tests.support.services): a single private redis-server, restarted with its
   data during a run.
-- `SentinelStore`: a primary, a replica and a Sentinel, all private processes on free ports;
-  the store URL is ``redis+sentinel://``. A run fails the primary over to the replica while
-  tasks run.
+- `SentinelStore` (tests.support.services's `RedisSentinel` with a replica): a primary, a
+  replica and a Sentinel, all private processes on free ports; the store URL is
+  ``redis+sentinel://``. A run fails the primary over to the replica while tasks run.
 
 Both take *error replies*: ``CONFIG SET min-replicas-to-write`` above the number of connected
 replicas makes the primary refuse every write with ``NOREPLICAS`` until it is set back to 0.
@@ -12,30 +12,17 @@ replicas makes the primary refuse every write with ``NOREPLICAS`` until it is se
 
 from __future__ import annotations
 
-import shutil
-import signal
-import subprocess
-import tempfile
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 import redis
 
-from tests.support.services import RedisServer, free_port, missing_service
+from tests.support.services import RedisSentinel, RedisServer, start_sentinel, wait_until
 
 SERVICE = "chaos-store"
+REPLICATION = ("--repl-diskless-sync-delay", "0")
 
 
-def _wait(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
-class SentinelStore:
+class SentinelStore(RedisSentinel):
     """A primary and a replica monitored by one Sentinel (quorum 1).
 
     Sentinel never fails over on its own here (a primary slow under load must not count as
@@ -43,36 +30,25 @@ class SentinelStore:
     """
 
     def __init__(self) -> None:
-        self.servers = [RedisServer(extra_args=("--repl-diskless-sync-delay", "0"))
-                        for _ in range(2)]
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="idem-chaos-sentinel-"))
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def url(self, db: int = 0) -> str:
-        return f"redis+sentinel://127.0.0.1:{self.port}/{SERVICE}/{db}"
+        super().__init__(SERVICE, master=RedisServer(extra_args=REPLICATION))
+        self.replica = RedisServer(extra_args=REPLICATION)
+        self.servers = [self.master, self.replica]
 
     def start(self) -> SentinelStore:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            missing_service("redis-server is not on PATH")
-        assert binary is not None
         primary, replica = self.servers
         primary.start()
         replica.start()
         replica.client().replicaof("127.0.0.1", primary.port)
-        _wait(lambda: replica.client().info("replication").get("master_link_status") == "up",
-              "the replica to sync")
+        wait_until(lambda: replica.client().info("replication").get("master_link_status") == "up",
+                   "the replica to sync")
         config = self.dir / "sentinel.conf"  # a sentinel rewrites its config: a file of its own
         config.write_text(
             f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
             f"sentinel monitor {SERVICE} 127.0.0.1 {primary.port} 1\n"
             f"sentinel down-after-milliseconds {SERVICE} 60000\n"
             f"sentinel failover-timeout {SERVICE} 10000\n")
-        self.process = subprocess.Popen([binary, str(config), "--sentinel"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True)
-        _wait(self._knows_the_replica, "the sentinel to find the replica")
+        self.process = start_sentinel(config, self._knows_the_replica,
+                                      "the sentinel to find the replica", timeout=30.0)
         return self
 
     def sentinel(self) -> redis.Redis:
@@ -105,12 +81,12 @@ class SentinelStore:
         new = next(server for server in self.servers if server is not old)
         old_client, new_client = old.client(), new.client()
         # After a failover Sentinel learns about the new replica from its INFO (every 10 s).
-        _wait(self._knows_the_replica, "a replica Sentinel can promote")
+        wait_until(self._knows_the_replica, "a replica Sentinel can promote")
         if coordinated:
             old_client.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")
             offset = int(old_client.info("replication")["master_repl_offset"])
-            _wait(lambda: int(new_client.info("replication")["master_repl_offset"]) >= offset,
-                  "the replica to catch up")
+            wait_until(lambda: int(new_client.info("replication")["master_repl_offset"]) >= offset,
+                       "the replica to catch up")
         try:
             while True:
                 try:
@@ -120,24 +96,20 @@ class SentinelStore:
                     if "INPROG" not in str(exc) and "NOGOODSLAVE" not in str(exc):
                         raise
                     time.sleep(0.2)
-            _wait(lambda: self.primary() is new, "Sentinel to switch to the new primary")
-            _wait(lambda: new_client.info("replication")["role"] == "master",
-                  "the replica to be promoted")
+            wait_until(lambda: self.primary() is new, "Sentinel to switch to the new primary")
+            wait_until(lambda: new_client.info("replication")["role"] == "master",
+                       "the replica to be promoted")
             if coordinated:
                 old_client.replicaof("127.0.0.1", new.port)
         finally:
             if coordinated:
                 old_client.execute_command("CLIENT", "UNPAUSE")
-        _wait(lambda: old_client.info("replication").get("master_link_status") == "up",
-              "the old primary to replicate the new one", timeout=60)
+        wait_until(lambda: old_client.info("replication").get("master_link_status") == "up",
+                   "the old primary to replicate the new one", timeout=60)
 
     def close(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-        for server in self.servers:
-            server.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        super().close()  # the sentinel, the first primary, the sentinel's directory
+        self.replica.close()
 
 
 def primary_of(store: RedisServer | SentinelStore) -> RedisServer:

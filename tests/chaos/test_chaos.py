@@ -24,11 +24,12 @@ import pytest
 
 from tests.chaos.harness import SUMMARIES, ChaosRun, Report, Sizes
 from tests.chaos.stores import SentinelStore
-from tests.support.integration import delete_amqp_queue, unique
+from tests.support.integration import unique
 from tests.support.services import (
     RABBITMQ_URL,
     RedisServer,
-    missing_service,
+    ServiceMissing,
+    delete_amqp_queue,
     rabbitmq_available,
 )
 
@@ -43,17 +44,14 @@ def sizes() -> Sizes:
 @pytest.fixture
 def effects_server() -> Iterator[RedisServer]:
     """Never restarted: the Redis broker (db 0) and the effects db (db 1)."""
-    server = RedisServer().start()
-    yield server
-    server.close()
+    with RedisServer() as server:
+        yield server
 
 
 @pytest.fixture
-def store_server() -> Iterator[RedisServer]:
+def store_server(own_redis: RedisServer) -> RedisServer:
     """The key store: restarted with its data during the run."""
-    server = RedisServer().start()
-    yield server
-    server.close()
+    return own_redis
 
 
 def publish_report(run: ChaosRun, report: Report) -> None:
@@ -116,7 +114,7 @@ def test_chaos_sentinel_failover(sizes: Sizes, effects_server: RedisServer,
 def test_chaos_rabbitmq_broker(sizes: Sizes, effects_server: RedisServer,
                                store_server: RedisServer, tmp_path: Path) -> None:
     if not rabbitmq_available():
-        missing_service(f"RabbitMQ is not reachable at {RABBITMQ_URL}")
+        raise ServiceMissing(f"RabbitMQ is not reachable at {RABBITMQ_URL}")
     queue = unique("chaos-amqp")
     run = ChaosRun(broker="amqp", broker_url=RABBITMQ_URL, store=store_server,
                    effects_url=effects_server.url(1), queue=queue, log_dir=tmp_path,

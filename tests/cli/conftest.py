@@ -107,14 +107,6 @@ def fail(store: KeyStore, key: str, scope: str = "shop.charge", *,
                ttl_ms=DAY_MS)
 
 
-def write_raw(store: KeyStore, ref: RecordRef, fields: dict[str, bytes]) -> None:
-    if isinstance(store, MemoryKeyStore):
-        store.put_raw(ref, fields)
-    else:
-        assert isinstance(store, RedisKeyStore)
-        store.client.hset(store.name_of(ref), mapping=fields)
-
-
 # -- subprocesses --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ def seed(client: redis.Redis, count: int, *, prefix: str = "idem:", now_ms: int,
             fields[F_RESULT] = json.dumps({"order": i, "ok": True})
         elif state == "failed":
             fields.update({F_ERROR: _ERROR, F_RETRYABLE: "0"})
-        name = RecordRef(scope, f"key-{i:07d}").store_name(prefix)
+        name = RecordRef(scope, f"key-{i:07d}").store_key(prefix)
         pipe.hset(name, mapping=fields)
         pipe.pexpire(name, DAY_MS)
         expected[state] += 1

@@ -23,7 +23,8 @@ from celery_idempotency.cli import (
 )
 from celery_idempotency.cli.render import TABLE_COLUMNS
 from tests.cli.app import make_app
-from tests.cli.conftest import claim, fail, invoke, reserve, succeed, write_raw
+from tests.cli.conftest import claim, fail, invoke, reserve, succeed
+from tests.support.records import write_raw
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
@@ -131,7 +132,7 @@ def test_list_json_is_one_object_per_line(store: KeyStore) -> None:
     assert (row["scope"], row["state"], row["task_id"], row["retryable"]) == (
         "receipts", "failed", "task-order-4", False)
     assert row["created"].endswith("Z") and row["age_s"] >= 0 and row["ttl_s"] > 86_000
-    assert row["store_key"] == RecordRef("receipts", "order-4").store_name("idem:")
+    assert row["store_key"] == RecordRef("receipts", "order-4").store_key("idem:")
 
 
 def test_list_of_an_empty_store_prints_nothing_and_succeeds(store: KeyStore) -> None:
@@ -217,7 +218,7 @@ def test_show_of_an_undecodable_record_names_it(store: KeyStore) -> None:
     write_raw(store, ref, {"k": b"bad", "s": b"s", "st": b"exploded", "t": b"t", "fp": b"f"})
     result = invoke(store, "show", "bad", "--scope", "s")
     assert result.exit_code == EXIT_STORE
-    assert ref.store_name("idem:") in result.stderr and "exploded" in result.stderr
+    assert ref.store_key("idem:") in result.stderr and "exploded" in result.stderr
 
 
 # -- release -------------------------------------------------------------------------------------

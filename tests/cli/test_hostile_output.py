@@ -13,7 +13,8 @@ import pytest
 from celery_idempotency import KeyStore, RecordRef, RedisKeyStore
 from celery_idempotency.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE
 from celery_idempotency.cli.terminal import json_safe, safe_text, shown
-from tests.cli.conftest import claim, invoke, reserve, run_standalone, write_raw
+from tests.cli.conftest import claim, invoke, reserve, run_standalone
+from tests.support.records import write_raw
 from tests.support.services import RedisServer
 
 OSC = "\x1b]0;pwned\x07"  # retitles the terminal

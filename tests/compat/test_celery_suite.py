@@ -20,7 +20,8 @@ from tests.compat.celery_suite import (
     load_expected_failures,
     run_suite,
 )
-from tests.support.services import RedisServer, missing_service
+from tests.support.services import RedisServer
+from tests.support.skipping import missing_service
 
 SUBSET = (
     # 1. the last step of a chain (published with chain=[]) is part of the canvas

@@ -12,10 +12,10 @@ import os
 import time
 from typing import Any
 
-import redis
 from celery import Celery
 
 from celery_idempotency import IdempotentTask
+from tests.support.apps import RedisFromEnv
 
 app = Celery("itest", broker=os.environ.get("BROKER_URL", "redis://127.0.0.1:6379/15"))
 app.conf.update(
@@ -33,14 +33,7 @@ app.conf.update(
 # Extra settings for the worker, as JSON (e.g. a short idempotency store retry backoff).
 app.conf.update(json.loads(os.environ.get("EXTRA_CONF") or "{}"))
 
-_effects: redis.Redis | None = None
-
-
-def effects() -> redis.Redis:
-    global _effects
-    if _effects is None:
-        _effects = redis.Redis.from_url(os.environ["EFFECTS_URL"])
-    return _effects
+effects = RedisFromEnv("EFFECTS_URL")  # effects(): the side-effect db's client
 
 
 def record_effect(name: str, key: Any) -> int:
@@ -105,7 +98,7 @@ def slow(self: Any, job: str, sleep: float = 4.0) -> dict[str, Any]:
     return {"job": job, "run": count, "fence": self.request.idempotency_fence}
 
 
-# -- crash safety (tests/integration/test_crash_safety.py) ------------------------------------
+# -- crash safety (test_lost_workers, test_revoke_and_expiry, test_leases_and_fencing) --------
 
 def record_run(self: Any, name: str, job: str) -> int:
     """Count a run of ``name`` for ``job`` and remember who ran it, when, and with which fence

@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import redis
 from billiard.exceptions import WorkerLostError
 from celery import Celery
 from celery.signals import task_postrun, task_prerun
 
 from celery_idempotency import IdempotentTask
+from tests.support.apps import RedisFromEnv
 
 app = Celery("replay", broker=os.environ.get("BROKER_URL", "redis://127.0.0.1:6379/15"))
 app.conf.update(
@@ -28,14 +28,7 @@ app.conf.update(
     broker_transport_options={"visibility_timeout": 30, "polling_interval": 0.1},
 )
 
-_effects: redis.Redis | None = None
-
-
-def effects() -> redis.Redis:
-    global _effects
-    if _effects is None:
-        _effects = redis.Redis.from_url(os.environ["EFFECTS_URL"])
-    return _effects
+effects = RedisFromEnv("EFFECTS_URL")  # effects(): the effects db's client
 
 
 def count(what: str, job: Any) -> int:

@@ -14,7 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.services import RedisServer, missing_service
+from tests.support.services import RedisServer
+from tests.support.skipping import missing_service
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo.py"

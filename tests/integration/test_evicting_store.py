@@ -25,6 +25,7 @@ from celery_idempotency import (
 from celery_idempotency.store.eviction import EvictionGuard, read_policies
 from tests.integration import app as itest
 from tests.integration.app import charge
+from tests.support.apps import forget_idempotency_settings
 from tests.support.integration import (
     BROKER_DB,
     STORE_DB,
@@ -73,9 +74,7 @@ def queued(redis_server: RedisServer, stack: Stack) -> int:
 def _forget_opt_out() -> Iterator[None]:
     yield
     itest.app.conf.pop(OPT_OUT, None)
-    for task in itest.app.tasks.values():
-        if isinstance(task, IdempotentTask):
-            task.__dict__.pop("_idem_config_cache", None)
+    forget_idempotency_settings(itest.app)
 
 
 # -- refused, accepted -----------------------------------------------------------------------------
@@ -272,7 +271,7 @@ def test_with_the_opt_out_an_evicted_record_runs_its_task_again(own_redis: Redis
     pay.apply_async((1,), idempotency_key="order-1")
     pay.apply_async((1,), idempotency_key="order-1")
     assert runs == [1]  # deduplicated while the record is there
-    name = RecordRef("evicted.charge", "order-1").store_name("idem:")
+    name = RecordRef("evicted.charge", "order-1").store_key("idem:")
     filler = b"x" * 10_000
     for index in range(5_000):  # up to 50 MB of other keys with a TTL, against 3 MB
         client.set(f"filler:{index}", filler, ex=3600)

@@ -19,7 +19,6 @@ from tests.support.integration import (
     PublishLog,
     Stack,
     amqp_queue_exists,
-    delete_amqp_queue,
     new_order_id,
     succeeded_result,
     task_log,
@@ -27,7 +26,13 @@ from tests.support.integration import (
     use_stack,
     wait_for,
 )
-from tests.support.services import RABBITMQ_URL, RedisServer, missing_service, rabbitmq_available
+from tests.support.services import (
+    RABBITMQ_URL,
+    RedisServer,
+    delete_amqp_queue,
+    rabbitmq_available,
+)
+from tests.support.skipping import missing_service
 from tests.support.workers import Worker
 
 

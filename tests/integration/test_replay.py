@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 
 from celery_idempotency import KeyState, ReplayedTaskError, result_for_key
 from tests.integration import replay_app
-from tests.support.integration import TIMEOUT, Stack, redis_stack, unique, use_stack, wait_for
-from tests.support.services import RedisServer
+from tests.support.apps import RedisFromEnv
+from tests.support.integration import TIMEOUT, Stack, unique, wait_for
 from tests.support.workers import Worker
 
 APP_MODULE = "tests.integration.replay_app"
@@ -35,28 +36,16 @@ class Counts:
 
 
 @pytest.fixture(scope="module")
-def stack(redis_server: RedisServer) -> Stack:
-    made = redis_stack(redis_server)
-    use_stack(replay_app.app, made)
-    return made
-
-
-@pytest.fixture(scope="module")
-def worker(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    """A real prefork worker (-c 2) running the replay app."""
-    name = unique("replay")
-    running = Worker(APP_MODULE, stack.worker_env(), concurrency=2, name=name,
-                     queues=stack.queue,
-                     log=tmp_path_factory.mktemp("replay") / f"{name}.log").start()
-    yield running
-    running.stop()
+def tested_app() -> tuple[Celery, str]:
+    """The module's stack and worker run the replay app."""
+    return replay_app.app, APP_MODULE
 
 
 @pytest.fixture
 def counts(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Counts]:
     # The publisher's own copies of Audited (a .get() that rebuilds it) count there too.
     monkeypatch.setenv("EFFECTS_URL", stack.effects_url)
-    monkeypatch.setattr(replay_app, "_effects", None)
+    monkeypatch.setattr(replay_app, "effects", RedisFromEnv("EFFECTS_URL"))  # a new client
     client = stack.effects()
     yield Counts(client)
     client.close()
@@ -81,7 +70,7 @@ def write_failed_record(task: Any, job: str, error: dict[str, Any]) -> None:
     """A failed, non-retryable record written by hand (as an attacker with store access, or
     an earlier deploy, could), for the key ``job`` of ``task``."""
     store = task.idem_store()
-    context = task.key_context((job,), {}, key=job, message_options={})
+    context = task.key_target((job,), {}, key=job, message_options={})
     store.reserve(context.ref, task_id="hand-written", fingerprint=context.fingerprint,
                   task_name=task.name, ttl_ms=600_000)
     store.claim(context.ref, task_id="hand-written", owner="by-hand",

@@ -8,9 +8,9 @@ from urllib.parse import quote
 
 import pytest
 
-from celery_idempotency import IdempotentTask
 from tests.integration import app as itest
 from tests.integration.app import charge
+from tests.support.apps import forget_idempotency_settings
 from tests.support.integration import (
     Stack,
     new_order_id,
@@ -30,9 +30,7 @@ def publish_with_memory_store(stack: Stack) -> None:
     worker uses the broken store URL."""
     use_stack(itest.app, stack)
     itest.app.conf.idempotency_store_url = "memory://"
-    for task in itest.app.tasks.values():
-        if isinstance(task, IdempotentTask):
-            task.__dict__.pop("_idem_config_cache", None)
+    forget_idempotency_settings(itest.app)
     charge.apply_async((new_order_id(),), idempotency_key=unique("k"))
 
 

@@ -47,29 +47,15 @@ PREFIX = "idem:"
 
 
 @pytest.fixture
-def store_stack(redis_server: RedisServer, own_redis: RedisServer) -> Stack:
-    made = redis_stack(redis_server, store=own_redis, idempotency_store_retry_max_delay=1.0,
-                       idempotency_store_timeout=0.5)
-    use_stack(itest.app, made)
-    return made
-
-
-@pytest.fixture
-def worker(store_stack: Stack, tmp_path: Path) -> Iterator[Worker]:
-    running = store_stack.worker(tmp_path).start()
+def worker(outage_stack: Stack, tmp_path: Path) -> Iterator[Worker]:
+    """The test's own worker, on the outage stack (the store on ``own_redis``)."""
+    running = outage_stack.worker(tmp_path).start()
     yield running
     running.stop()
 
 
-@pytest.fixture
-def effects(store_stack: Stack) -> Iterator[Effects]:
-    client = store_stack.effects()
-    yield Effects(client)
-    client.close()
-
-
 def record_name(task_name: str, key: str) -> str:
-    return RecordRef(task_name, key).store_name(PREFIX)
+    return RecordRef(task_name, key).store_key(PREFIX)
 
 
 def test_noreplicas_at_the_outcome_write_waits_and_lands_when_cleared(
@@ -231,7 +217,7 @@ def test_an_acl_refusal_at_claim_keeps_the_message_until_it_is_fixed(
 
 
 def test_publish_fails_closed_on_a_not_now_reply_and_names_a_corrupt_record(
-        own_redis: RedisServer, store_stack: Stack, published: PublishLog) -> None:
+        own_redis: RedisServer, outage_stack: Stack, published: PublishLog) -> None:
     """At publish: NOREPLICAS raises StoreUnavailable (the client tries again) and a foreign
     value under the record's name raises CorruptRecord naming it; nothing is sent."""
     order, key = new_order_id(), unique("publish-noreplicas")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import celery_idempotency
-from tests.support.services import missing_service
+from tests.support.skipping import missing_service
 
 pytestmark = pytest.mark.packaging
 

@@ -19,6 +19,7 @@ from celery_idempotency import (
     RedisKeyStore,
 )
 from celery_idempotency.store import ClaimStatus, ReserveStatus, ResultPayload
+from tests.support.records import write_raw
 
 REF = RecordRef("tasks.charge", "order-42")
 DAY_MS = 24 * 3600 * 1000
@@ -41,14 +42,6 @@ def claim(store: KeyStore, task_id: str = "t1", owner: str = "o1", fp: str = "fp
 def state(store: KeyStore, ref: RecordRef = REF) -> KeyState | None:
     record = store.get(ref)
     return record.state if record else None
-
-
-def write_raw(store: KeyStore, ref: RecordRef, fields: dict[str, bytes]) -> None:
-    if isinstance(store, MemoryKeyStore):
-        store.put_raw(ref, fields)
-    else:
-        assert isinstance(store, RedisKeyStore)
-        store.client.hset(store.name_of(ref), mapping=fields)
 
 
 # -- reserve -----------------------------------------------------------------------------------
@@ -170,6 +163,11 @@ def test_claim_while_live_owner_holds_it_is_busy(store: KeyStore) -> None:
     outcome = claim(store, task_id="t2", owner="o2")
     assert outcome.status is ClaimStatus.BUSY
     assert outcome.record is not None and outcome.record.owner == "o1"
+    # The reply says how long the live lease still runs (the caller needs no clock of its own).
+    assert outcome.record.lease_expires_ms is not None
+    remaining = outcome.record.lease_expires_ms - store.now_ms()
+    assert outcome.lease_remaining_ms is not None
+    assert remaining - 1_000 <= outcome.lease_remaining_ms <= 60_000
 
 
 def test_claim_repeated_by_the_same_owner_is_idempotent(store: KeyStore) -> None:
@@ -197,7 +195,7 @@ def test_late_original_owner_cannot_write_after_takeover(store: KeyStore) -> Non
     assert info.value.key == "order-42" and info.value.task_id == "t2"
     with pytest.raises(OwnershipLost):
         store.fail(REF, owner="o1", error="{}", retryable=True, ttl_ms=DAY_MS)
-    assert store.release(REF, owner="o1", pending_ms=PENDING_MS) is False
+    assert store.requeue(REF, owner="o1", pending_ms=PENDING_MS) is False
     assert store.renew(REF, owner="o1", lease_ms=60_000) is False
     assert store.discard(REF, owner="o1") is False
     record = store.get(REF)
@@ -243,7 +241,7 @@ def test_claim_with_other_arguments_raises_mismatch(store: KeyStore) -> None:
     assert state(store) is KeyState.PENDING
 
 
-# -- complete / fail / release / renew / discard ----------------------------------------------
+# -- complete / fail / requeue / renew / discard ----------------------------------------------
 
 def test_complete_stores_result_and_clears_lease(store: KeyStore) -> None:
     claim(store)
@@ -299,17 +297,17 @@ def test_fail_records_error_and_retryable_flag(store: KeyStore) -> None:
     assert record.retryable is False
 
 
-def test_release_returns_claim_to_pending_for_the_same_task(store: KeyStore) -> None:
+def test_requeue_returns_claim_to_pending_for_the_same_task(store: KeyStore) -> None:
     reserve(store, task_id="t1")
     first = claim(store, task_id="t1", owner="o1")
-    assert store.release(REF, owner="o2", pending_ms=PENDING_MS) is False
-    assert store.release(REF, owner="o1", ttl_ms=DAY_MS, pending_ms=PENDING_MS) is True
+    assert store.requeue(REF, owner="o2", pending_ms=PENDING_MS) is False
+    assert store.requeue(REF, owner="o1", ttl_ms=DAY_MS, pending_ms=PENDING_MS) is True
     record = store.get(REF)
     assert record is not None
     assert (record.state, record.task_id, record.lease_expires_ms) == (
         KeyState.PENDING, "t1", None)
     # Repeated by the same owner (reply lost, call retried): harmless.
-    assert store.release(REF, owner="o1", pending_ms=PENDING_MS) is True
+    assert store.requeue(REF, owner="o1", pending_ms=PENDING_MS) is True
     # The retried message claims it again, with a new fence.
     assert claim(store, task_id="t1", owner="o3").fence > first.fence
 
@@ -343,9 +341,9 @@ def test_records_expire_after_their_ttl(store: KeyStore) -> None:
     assert store.get(REF) is None
 
 
-def test_release_with_ttl_covers_a_retry_countdown(store: KeyStore) -> None:
+def test_requeue_with_ttl_covers_a_retry_countdown(store: KeyStore) -> None:
     claim(store, ttl_ms=100, lease_ms=100)
-    store.release(REF, owner="o1", ttl_ms=5_000, pending_ms=1_000)
+    store.requeue(REF, owner="o1", ttl_ms=5_000, pending_ms=1_000)
     time.sleep(0.2)
     assert state(store) is KeyState.PENDING
 
@@ -585,21 +583,21 @@ def test_reservation_ttl_covers_its_pending_deadline(store: KeyStore) -> None:
     assert outcome.replaced_task_id == "t1" and ttl_left(store, other) > 4_000
 
 
-def test_release_gives_the_pending_record_a_deadline(store: KeyStore) -> None:
+def test_requeue_gives_the_pending_record_a_deadline(store: KeyStore) -> None:
     """A retry's (or a requeued message's) pending record has a deadline: should the message
     never come, the next publish after it runs the task."""
     claim(store, task_id="t1", ttl_ms=DAY_MS)
     before = store.now_ms()
-    assert store.release(REF, owner="o1", ttl_ms=100, pending_ms=5_000) is True
+    assert store.requeue(REF, owner="o1", ttl_ms=100, pending_ms=5_000) is True
     record = store.get(REF)
     assert record is not None and record.pending_deadline_ms is not None
     assert before + 5_000 <= record.pending_deadline_ms <= store.now_ms() + 5_000
     assert ttl_left(store) > 4_000  # the TTL covers the deadline
 
 
-def test_released_key_is_published_again_once_its_deadline_passes(store: KeyStore) -> None:
+def test_requeued_key_is_published_again_once_its_deadline_passes(store: KeyStore) -> None:
     claim(store, task_id="t1")
-    store.release(REF, owner="o1", pending_ms=50)
+    store.requeue(REF, owner="o1", pending_ms=50)
     assert reserve(store, task_id="t2").status is ReserveStatus.DUPLICATE
     time.sleep(0.1)
     outcome = reserve(store, task_id="t3")
@@ -688,7 +686,7 @@ def test_redis_fence_is_the_server_clock_in_microseconds_exactly(redis_server) -
         fence = claim(store, owner="o1").fence
         seconds, micros = store.client.time()
         assert before <= fence <= seconds * 1_000_000 + micros
-        raw = store.client.hget(store.name_of(REF), "f")
+        raw = store.client.hget(store.store_key(REF), "f")
         assert raw == str(fence).encode()
         store.discard(REF, owner="o1")
     finally:

@@ -33,7 +33,8 @@ from celery_idempotency.exceptions import IdempotencyError
 from celery_idempotency.leases import owner_prefix
 from celery_idempotency.store import ResultPayload
 from celery_idempotency.store.errors import REQUIRED_COMMANDS
-from tests.support.services import RedisServer, free_port, missing_service
+from tests.support.services import RedisServer, free_port
+from tests.support.skipping import missing_service
 
 REF = RecordRef("tasks.charge", "order-42")
 DAY_MS = 24 * 3600 * 1000
@@ -77,7 +78,7 @@ OPS = [
                                                   ttl_ms=DAY_MS)),
     Op("fail", _claimed, lambda s: s.fail(REF, owner=OWNER, error='{"type":"E"}',
                                           retryable=True, ttl_ms=DAY_MS)),
-    Op("release", _claimed, lambda s: s.release(REF, owner=OWNER, pending_ms=60_000)),
+    Op("requeue", _claimed, lambda s: s.requeue(REF, owner=OWNER, pending_ms=60_000)),
     Op("renew", _claimed, lambda s: s.renew(REF, owner=OWNER, lease_ms=60_000)),
     Op("discard", _claimed, lambda s: s.discard(REF, owner=OWNER)),
     Op("abandon", _claimed, lambda s: s.abandon(
@@ -267,7 +268,7 @@ def test_a_not_now_reply_is_store_unavailable_and_changes_nothing(
         fault_type: type[Fault], op: Op) -> None:
     primary, other = servers
     op.setup(store)
-    name = store.name_of(REF)
+    name = store.store_key(REF)
     before = primary.client().hgetall(name)
     fault = fault_type()
     fault.inject(primary, other)
@@ -306,7 +307,7 @@ def test_store_wide_calls_see_a_not_now_reply_as_unavailable(
     try:
         # MASTERDOWN lets PING and TIME through (they touch no data); BUSY refuses them too.
         for call in (lambda: store.get(REF), lambda: list(store.entries()),
-                     lambda: store.memory_usage([store.name_of(REF)])):
+                     lambda: store.memory_usage([store.store_key(REF)])):
             with pytest.raises(StoreUnavailable, match=fault.code):
                 call()
         if fault.code == "BUSY":
@@ -410,7 +411,7 @@ def test_the_documented_acl_is_enough(server: RedisServer, store: RedisKeyStore)
             server.client().flushall()
             op.setup(store)
             op.call(limited)
-        assert [e.store_key for e in limited.entries()] == [limited.name_of(REF)]
+        assert [e.store_key for e in limited.entries()] == [limited.store_key(REF)]
         limited.ping()
         assert limited.now_ms() > 0
     finally:
@@ -438,7 +439,7 @@ def test_wrong_password_is_misconfigured_not_unreachable(server: RedisServer) ->
 @pytest.mark.parametrize("kind", ["string", "list"])
 def test_another_type_under_a_record_name_is_corrupt_record(
         server: RedisServer, store: RedisKeyStore, op: Op, kind: str) -> None:
-    name = store.name_of(REF)
+    name = store.store_key(REF)
     if kind == "string":
         server.client().set(name, "not a record")
     else:
@@ -460,7 +461,7 @@ def test_a_hand_edited_lease_is_corrupt_record_naming_the_field(
         server: RedisServer, store: RedisKeyStore, op: Op) -> None:
     """A Lua error ("attempt to compare number with nil") from a non-numeric lease."""
     _claimed(store)
-    name = store.name_of(REF)
+    name = store.store_key(REF)
     server.client().hset(name, "l", "soon")
     with pytest.raises(CorruptRecord) as info:
         if op.name == "claim":  # another task's message
@@ -481,7 +482,7 @@ def test_the_owner_repairs_a_hand_edited_lease_by_renewing(
         server: RedisServer, store: RedisKeyStore) -> None:
     """Renew sets the lease without reading it: the running task keeps its claim."""
     _claimed(store)
-    server.client().hset(store.name_of(REF), "l", "soon")
+    server.client().hset(store.store_key(REF), "l", "soon")
     assert store.renew(REF, owner=OWNER, lease_ms=60_000)
     record = store.get(REF)
     assert record is not None and record.owner == OWNER
@@ -489,7 +490,7 @@ def test_the_owner_repairs_a_hand_edited_lease_by_renewing(
 
 def test_errors_all_share_the_library_root(server: RedisServer, store: RedisKeyStore) -> None:
     """No raw redis-py exception escapes a store method (callers catch IdempotencyError)."""
-    server.client().set(store.name_of(REF), "x")
+    server.client().set(store.store_key(REF), "x")
     for op in OPS:
         if op.name == "entry":
             continue
@@ -525,11 +526,11 @@ def test_cli_reports_each_kind_of_store_error_with_exit_code_3(
     assert "refuses for good" in denied.err and "NOPERM" in denied.err
     assert "s3cret" not in denied.err
 
-    server.client().delete(store.name_of(REF))
-    server.client().set(store.name_of(REF), "x")
+    server.client().delete(store.store_key(REF))
+    server.client().set(store.store_key(REF), "x")
     corrupt = run_standalone("--store-url", url, "--prefix", PREFIX, "release", REF.key,
                              "--scope", REF.scope)
     for result in (busy, denied, corrupt):
         assert "Traceback" not in result.err
     assert corrupt.code == EXIT_STORE, corrupt.err
-    assert "WRONGTYPE" in corrupt.err and store.name_of(REF) in corrupt.err
+    assert "WRONGTYPE" in corrupt.err and store.store_key(REF) in corrupt.err

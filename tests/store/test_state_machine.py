@@ -3,7 +3,7 @@ transition (hypothesis ``RuleBasedStateMachine``): their replies must agree, and
 the state machine's invariants after every step:
 
 * at most one live owner per key: a claim never succeeds while another owner's claim is live;
-* a non-owner's write (complete, fail, release, renew, discard) is refused and changes nothing;
+* a non-owner's write (complete, fail, requeue, renew, discard) is refused and changes nothing;
 * the fence of a key never decreases, deletions, expiry and eviction included: every new claim
   fences above every earlier one, and a stored fence is 0 (never claimed) or the last one;
 * no record without a way out: ``started`` has a lease and lives at least as long as it,
@@ -21,6 +21,7 @@ the falsifying steps, an ``@reproduce_failure`` blob and the run's seed (set
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -42,7 +43,7 @@ from celery_idempotency import (
     RedisKeyStore,
 )
 from celery_idempotency.records import Record
-from celery_idempotency.store import ClaimStatus, ResultPayload
+from celery_idempotency.store import Claim, ClaimStatus, ResultPayload
 from tests.support.services import RedisServer
 
 # The CI budget; raise it locally (e.g. IDEMPOTENCY_STATE_EXAMPLES=2000) for a longer hunt.
@@ -121,6 +122,9 @@ class StoreMachine(RuleBasedStateMachine):
         as "still in the future or not") and fences (checked per store)."""
         if isinstance(reply, Record):
             return self.view(name, reply)
+        if isinstance(reply, Claim) and reply.lease_remaining_ms is not None:
+            assert reply.lease_remaining_ms > 0, f"{name}: busy with a lease that ran out"
+            reply = dataclasses.replace(reply, lease_remaining_ms=1)  # time left: yes
         if hasattr(reply, "__dataclass_fields__"):
             return {field: self.normal(name, getattr(reply, field))
                     for field in reply.__dataclass_fields__ if field != "fence"}
@@ -241,23 +245,23 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(ref=keys, owner=owners, holder=as_holder, ttl=st.none() | st.sampled_from(TTLS),
           pending=st.sampled_from(PENDINGS), delay=st.sampled_from(DELAYS))
-    def release(self, ref: RecordRef, owner: str, holder: bool, ttl: int | None, pending: int,
+    def requeue(self, ref: RecordRef, owner: str, holder: bool, ttl: int | None, pending: int,
                 delay: int) -> None:
         owner = self.writer(ref, owner, holder)
         before = self.snapshot(ref)
         record = before["memory"]
-        reply = self.agree(self.both(lambda s: s.release(
+        reply = self.agree(self.both(lambda s: s.requeue(
             ref, owner=owner, ttl_ms=None if ttl is None else ttl + delay,
-            pending_ms=pending + delay)), "release")
+            pending_ms=pending + delay)), "requeue")
         if self.holds(record, owner):
             assert reply is True
             self.ended(ref)
-            self.same_ttl(ref, "release")
+            self.same_ttl(ref, "requeue")
         elif record is not None and record.owner == owner and record.state is KeyState.PENDING:
-            assert reply is True  # the owner's own release, retried
+            assert reply is True  # the owner's own requeue, retried
         else:
             assert reply is False
-            self.assert_unchanged(ref, before, "release")
+            self.assert_unchanged(ref, before, "requeue")
 
     @rule(ref=keys, owner=owners, holder=as_holder, lease=st.sampled_from(LEASES))
     def renew(self, ref: RecordRef, owner: str, holder: bool, lease: int) -> None:
@@ -313,15 +317,15 @@ class StoreMachine(RuleBasedStateMachine):
             if reply:
                 self.ended(ref)
             return
-        name = self.memory.name_of(ref)
+        name = self.memory.store_key(ref)
         if how == "evicted":
             self.memory._delete(name)
-            self.redis.client.delete(self.redis.name_of(ref))
+            self.redis.client.delete(self.redis.store_key(ref))
         else:
             with self.memory._lock:
                 if name in self.memory._records:
                     self.memory._expires[name] = self.memory.now_ms()
-            self.redis.client.pexpire(self.redis.name_of(ref), 1)
+            self.redis.client.pexpire(self.redis.store_key(ref), 1)
             time.sleep(0.002)
         self.ended(ref)
 
@@ -339,8 +343,8 @@ class StoreMachine(RuleBasedStateMachine):
         if record is None or record.state is not state:
             return False
         with self.memory._lock:
-            self.memory._records[self.memory.name_of(ref)][field] = b"1"
-        self.redis.client.hset(self.redis.name_of(ref), field, "1")
+            self.memory._records[self.memory.store_key(ref)][field] = b"1"
+        self.redis.client.hset(self.redis.store_key(ref), field, "1")
         return True
 
     def same_ttl(self, ref: RecordRef, what: str) -> None:

@@ -9,8 +9,11 @@ makes the publisher agree with it: broker, default queue and idempotency store.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import threading
 import time
 import uuid
@@ -22,9 +25,9 @@ from typing import Any, TypeVar
 import redis
 from celery import Celery
 from celery.signals import after_task_publish
-from kombu import Connection, pools
+from kombu import Connection
 
-from celery_idempotency import IdempotentTask
+from tests.support.apps import point_app_at
 from tests.support.services import RedisServer
 from tests.support.workers import Worker
 
@@ -62,9 +65,11 @@ class Stack:
                 "EFFECTS_URL": self.effects_url, "QUEUE": self.queue,
                 "EXTRA_CONF": json.dumps(self.extra_conf)}
 
-    def worker(self, log_dir: Path, *, name: str | None = None) -> Worker:
+    def worker(self, log_dir: Path, *, name: str | None = None, pool: str = "prefork",
+               concurrency: int = 2, app: str = APP_MODULE) -> Worker:
+        """A worker (not started yet) consuming this stack's queue, logging to ``log_dir``."""
         name = name or unique("w")
-        return Worker(APP_MODULE, self.worker_env(), concurrency=2, name=name,
+        return Worker(app, self.worker_env(), pool=pool, concurrency=concurrency, name=name,
                       queues=self.queue, log=log_dir / f"{name}.log")
 
     def effects(self) -> redis.Redis:
@@ -83,16 +88,8 @@ def redis_stack(server: RedisServer, *, store: RedisServer | None = None,
 
 def use_stack(app: Celery, stack: Stack) -> None:
     """Point the publishing app at ``stack``, dropping connections and cached settings."""
-    app.conf.update(broker_url=stack.broker_url, idempotency_store_url=stack.store_url,
-                    task_default_queue=stack.queue, **stack.extra_conf)
-    # The broker connection pools, queue declarations and router are built on first use and
-    # cached; forget them so that the next publish goes to this stack's broker and queue.
-    app._pool = None
-    app.__dict__.pop("amqp", None)
-    pools.reset()
-    for task in app.tasks.values():
-        if isinstance(task, IdempotentTask):
-            task.__dict__.pop("_idem_config_cache", None)
+    point_app_at(app, broker_url=stack.broker_url, idempotency_store_url=stack.store_url,
+                 task_default_queue=stack.queue, **stack.extra_conf)
 
 
 class Effects:
@@ -180,14 +177,6 @@ def redis_queue_length(client: redis.Redis, queue: str) -> int:
     return total
 
 
-def delete_amqp_queue(url: str, queue: str) -> None:
-    """Remove a test's queue and the direct exchange Celery named after it."""
-    with Connection(url, connect_timeout=5) as conn:
-        channel = conn.default_channel
-        channel.queue_delete(queue)
-        channel.exchange_delete(queue)
-
-
 def amqp_queue_exists(url: str, queue: str) -> bool:
     with Connection(url, connect_timeout=5) as conn:
         try:
@@ -197,14 +186,48 @@ def amqp_queue_exists(url: str, queue: str) -> bool:
         return True
 
 
-
 def start_worker(stack: Stack, log_dir: Path, *, pool: str = "prefork", concurrency: int = 2,
                  name: str | None = None) -> Worker:
     """A started worker for ``stack`` with any pool and concurrency (`Stack.worker` is the
     default prefork ``-c 2``)."""
-    name = name or unique(f"w-{pool}")
-    return Worker(APP_MODULE, stack.worker_env(), pool=pool, concurrency=concurrency,
-                  name=name, queues=stack.queue, log=log_dir / f"{name}.log").start()
+    return stack.worker(log_dir, name=name or unique(f"w-{pool}"), pool=pool,
+                        concurrency=concurrency).start()
+
+
+class Fleet:
+    """The workers one test starts, and the processes it freezes: at teardown every frozen
+    process is thawed and every worker stopped, whatever the test did."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.workers: list[Worker] = []
+        self.frozen: set[int] = set()
+
+    def start(self, stack: Stack, *, pool: str = "prefork", concurrency: int = 2,
+              name: str | None = None) -> Worker:
+        worker = start_worker(stack, self.log_dir, pool=pool, concurrency=concurrency,
+                              name=name)
+        self.workers.append(worker)
+        return worker
+
+    def freeze(self, pid: int) -> None:
+        os.kill(pid, signal.SIGSTOP)
+        self.frozen.add(pid)
+
+    def thaw(self, pid: int) -> None:
+        os.kill(pid, signal.SIGCONT)
+        self.frozen.discard(pid)
+
+    def close(self) -> None:
+        for pid in list(self.frozen):
+            with contextlib.suppress(ProcessLookupError):
+                self.thaw(pid)
+        for worker in self.workers:  # warm shutdown of all at once, then wait for each
+            if worker.process is not None and worker.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(worker.process.pid, signal.SIGTERM)
+        for worker in self.workers:
+            worker.stop()
 
 
 _LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): (\w+)/([\w-]+)\] (.*)$")

@@ -1,5 +1,9 @@
-"""Real services for tests: a private redis-server per test session (or per test, for fault
-injection), and the shared RabbitMQ. Missing services skip locally and fail under CI=true."""
+"""Real services for tests, the chaos suite and the benchmarks: private redis-servers (single,
+Sentinel, Cluster) on free 127.0.0.1 ports, and probes of the shared RabbitMQ.
+
+Plain Python, no pytest: a missing binary or service raises `ServiceMissing`; the test suite's
+conftest turns that into a skip (locally) or a failure (under CI=true), see
+tests/support/skipping.py, and ``python -m benchmarks`` into an exit with the message."""
 
 from __future__ import annotations
 
@@ -11,21 +15,39 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 
-IN_CI = bool(os.environ.get("CI"))
+RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
-def missing_service(reason: str) -> None:
-    """Skip locally; fail in CI, where a skipped integration test would hide a broken setup."""
-    if IN_CI:
-        pytest.fail(f"{reason} (CI is set: required services must be available)")
-    pytest.skip(reason)
+class ServiceMissing(RuntimeError):
+    """A binary or service a test (or benchmark) needs is not available here."""
+
+
+def require_binary(name: str, why: str = "") -> str:
+    """The path of ``name`` on PATH, or `ServiceMissing`."""
+    found = shutil.which(name)
+    if found is None:
+        raise ServiceMissing(f"{name} is not on PATH{f' ({why})' if why else ''}")
+    return found
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 30.0,
+               interval: float = 0.05) -> None:
+    """Poll ``condition()`` (a Redis connection error counts as "not yet") until it is truthy;
+    RuntimeError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(redis.ConnectionError):
+            if condition():
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
 
 
 def free_port() -> int:
@@ -49,11 +71,21 @@ def free_cluster_port() -> int:
     raise RuntimeError("no free port pair for a Redis Cluster node")
 
 
-class RedisServer:
-    """A private ``redis-server`` on a free 127.0.0.1 port that a test may kill and restart."""
+def kill_process(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL a service process and reap it."""
+    if process is not None:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
 
-    def __init__(self, port: int | None = None, *, extra_args: tuple[str, ...] = ()) -> None:
+
+class RedisServer:
+    """A private ``redis-server`` on a free 127.0.0.1 port that a test may kill and restart
+    (``name`` labels it in a benchmark report)."""
+
+    def __init__(self, port: int | None = None, *, extra_args: tuple[str, ...] = (),
+                 name: str = "redis") -> None:
         self.port = port or free_port()
+        self.name = name
         self.dir = Path(tempfile.mkdtemp(prefix="idem-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
         self.extra_args = extra_args
@@ -65,10 +97,7 @@ class RedisServer:
         return redis.Redis.from_url(self.url(db))
 
     def start(self, *, keep_data: bool = False) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            missing_service("redis-server is not on PATH")
-        assert binary is not None
+        binary = require_binary("redis-server")
         # With keep_data, save an RDB on shutdown and load it on start: "restarted with data".
         persistence = ["--save", "", "--appendonly", "no"]
         if not keep_data:
@@ -78,14 +107,16 @@ class RedisServer:
              *persistence, "--dbfilename", "dump.rdb", "--protected-mode", "yes",
              *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if self.client().ping():
-                    return self
-            except redis.ConnectionError:
-                time.sleep(0.01)
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
+        wait_until(lambda: self.client().ping(), f"redis-server on port {self.port} to start",
+                   timeout=10, interval=0.01)
+        return self
+
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def version(self) -> str:
+        return str(self.client().info("server")["redis_version"])
 
     def stop(self, *, save: bool = False) -> None:
         """Stop the server; with ``save`` it writes its data first (for a restart with data)."""
@@ -94,9 +125,9 @@ class RedisServer:
         if save:
             with contextlib.suppress(redis.ConnectionError):
                 self.client().shutdown(save=True)
+            self.process.wait(timeout=10)
         else:
-            self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
+            kill_process(self.process)
         self.process = None
 
     def restart(self, *, keep_data: bool) -> None:
@@ -107,35 +138,23 @@ class RedisServer:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def __enter__(self) -> RedisServer:
+        return self.start()
 
-RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
-
-
-def rabbitmq_available() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            return True
-    except OSError:
-        return False
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def form_cluster(nodes: Sequence[Any], cli_options: Sequence[str] = ()) -> None:
     """Make started nodes (each with ``port`` and ``client()``) one Cluster, slots spread evenly,
     and wait until every node says the cluster is ok."""
-    cli = shutil.which("redis-cli")
-    if cli is None:
-        missing_service("redis-cli is not on PATH (needed to create a Redis Cluster)")
-    assert cli is not None
+    cli = require_binary("redis-cli", "needed to create a Redis Cluster")
     subprocess.run([cli, *cli_options, "--cluster", "create",
                     *(f"127.0.0.1:{n.port}" for n in nodes),
                     "--cluster-replicas", "0", "--cluster-yes"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=60)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if all(n.client().cluster("info")["cluster_state"] == "ok" for n in nodes):
-            return
-        time.sleep(0.1)
-    raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+    wait_until(lambda: all(n.client().cluster("info")["cluster_state"] == "ok" for n in nodes),
+               "the Redis Cluster to reach cluster_state:ok", interval=0.1)
 
 
 class RedisCluster:
@@ -160,12 +179,24 @@ class RedisCluster:
             node.close()
 
 
+def start_sentinel(config: Path, ready: Callable[[], Any], what: str,
+                   timeout: float = 10.0) -> subprocess.Popen[bytes]:
+    """``redis-server CONFIG --sentinel`` (a sentinel rewrites its config: give it a file of
+    its own), once ``ready()`` says it is up."""
+    process = subprocess.Popen([require_binary("redis-server"), str(config), "--sentinel"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    wait_until(ready, what, timeout=timeout)
+    return process
+
+
 class RedisSentinel:
     """A private master and one sentinel monitoring it as ``service`` (quorum 1)."""
 
-    def __init__(self, service: str = "idem-master") -> None:
+    def __init__(self, service: str = "idem-master", *,
+                 master: RedisServer | None = None) -> None:
         self.service = service
-        self.master = RedisServer()
+        self.master = master or RedisServer()
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="idem-sentinel-"))
         self.process: subprocess.Popen[bytes] | None = None
@@ -174,31 +205,53 @@ class RedisSentinel:
         return f"redis+sentinel://127.0.0.1:{self.port}/{self.service}/{db}"
 
     def start(self) -> RedisSentinel:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            missing_service("redis-server is not on PATH")
-        assert binary is not None
         self.master.start()
-        config = self.dir / "sentinel.conf"  # a sentinel rewrites its config: a file of its own
+        config = self.dir / "sentinel.conf"
         config.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
                           f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 1\n")
-        self.process = subprocess.Popen([binary, str(config), "--sentinel"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True)
         client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if client.sentinel_get_master_addr_by_name(self.service):
-                    return self
-            except redis.ConnectionError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"sentinel on port {self.port} did not start")
+        self.process = start_sentinel(
+            config, lambda: client.sentinel_get_master_addr_by_name(self.service),
+            f"the sentinel on port {self.port} to start")
+        return self
 
     def close(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
+        kill_process(self.process)
         self.master.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# -- RabbitMQ --------------------------------------------------------------------------------
+
+def rabbitmq_available(url: str = RABBITMQ_URL) -> bool:
+    """Whether RabbitMQ at ``url`` accepts an AMQP connection (not merely a TCP one)."""
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+            return True
+    except Exception:
+        return False
+
+
+def rabbitmq_version(url: str = RABBITMQ_URL) -> str:
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=3) as conn:
+        conn.ensure_connection(max_retries=1)
+        props = conn.connection.server_properties or {}
+        version = props.get("version", "?")
+        return version.decode() if isinstance(version, bytes) else str(version)
+
+
+def delete_amqp_queue(url: str, queue: str) -> None:
+    """Remove a run's queue and the direct exchange Celery declared with the queue's name."""
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=5) as conn:
+        channel = conn.default_channel
+        with contextlib.suppress(Exception):
+            channel.queue_delete(queue)
+        with contextlib.suppress(Exception):
+            channel.exchange_delete(queue)

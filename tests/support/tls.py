@@ -4,12 +4,9 @@ all speaking TLS only (the plaintext port is off)."""
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +17,10 @@ from tests.support.services import (
     form_cluster,
     free_cluster_port,
     free_port,
-    missing_service,
+    kill_process,
+    require_binary,
+    start_sentinel,
+    wait_until,
 )
 
 
@@ -79,24 +79,6 @@ class Certificates:
                            **kwargs)  # type: ignore[arg-type]
 
 
-def _binary(name: str) -> str:
-    found = shutil.which(name)
-    if found is None:
-        missing_service(f"{name} is not on PATH")
-    assert found is not None
-    return found
-
-
-def _wait(ping: redis.Redis, what: str) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        with contextlib.suppress(redis.ConnectionError):
-            if ping.ping():
-                return
-        time.sleep(0.02)
-    raise RuntimeError(f"{what} did not start")
-
-
 class TlsRedisServer:
     """``redis-server --port 0 --tls-port P``: TLS only, on a free 127.0.0.1 port."""
 
@@ -113,22 +95,22 @@ class TlsRedisServer:
 
     def start(self) -> TlsRedisServer:
         self.process = subprocess.Popen(
-            [_binary("redis-server"), "--port", "0", "--tls-port", str(self.port),
+            [require_binary("redis-server"), "--port", "0", "--tls-port", str(self.port),
              "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "", "--appendonly", "no",
              *self.certs.tls_args(auth_clients=self.auth_clients, other_host=self.other_host),
              *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        _wait(self.client(), f"TLS redis-server on port {self.port}")
+        client = self.client()
+        wait_until(client.ping, f"TLS redis-server on port {self.port} to start", timeout=15,
+                   interval=0.02)
         return self
 
     def client(self) -> redis.Redis:
         return self.certs.client(self.port)
 
     def close(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-            self.process = None
+        kill_process(self.process)
+        self.process = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -153,22 +135,14 @@ class TlsSentinel:
             f"tls-cert-file {certs.server_cert}\ntls-key-file {certs.server_key}\n"
             f"tls-ca-cert-file {certs.ca}\ntls-auth-clients no\ntls-replication yes\n"
             f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 1\n")
-        self.process = subprocess.Popen([_binary("redis-server"), str(config), "--sentinel"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True)
         client = certs.client(self.port)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            with contextlib.suppress(redis.ConnectionError):
-                if client.sentinel_get_master_addr_by_name(self.service):
-                    return self
-            time.sleep(0.05)
-        raise RuntimeError(f"TLS sentinel on port {self.port} did not start")
+        self.process = start_sentinel(
+            config, lambda: client.sentinel_get_master_addr_by_name(self.service),
+            f"the TLS sentinel on port {self.port} to start", timeout=15)
+        return self
 
     def close(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
+        kill_process(self.process)
         self.master.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -145,16 +145,16 @@ def test_valid_keys_are_accepted_unchanged() -> None:
         assert validate_key(key) == key
 
 
-def test_store_names_are_bounded_cluster_safe_and_free_of_the_user_key() -> None:
+def test_store_keys_are_bounded_cluster_safe_and_free_of_the_user_key() -> None:
     long_key = "k" * MAX_KEY_LENGTH
-    name = RecordRef("tasks.charge", long_key).store_name("idem:")
+    name = RecordRef("tasks.charge", long_key).store_key("idem:")
     assert len(name) == len("idem:") + 34
     assert name.count("{") == 1 and name.endswith("}")
     assert long_key not in name
-    assert RecordRef("*", "?").store_name("p:").startswith("p:{")
-    assert RecordRef("a", "b").store_name("p:") != RecordRef("b", "a").store_name("p:")
+    assert RecordRef("*", "?").store_key("p:").startswith("p:{")
+    assert RecordRef("a", "b").store_key("p:") != RecordRef("b", "a").store_key("p:")
     # The separator keeps ("a:b", "c") and ("a", "b:c") apart.
-    assert RecordRef("a:b", "c").store_name("p:") != RecordRef("a", "b:c").store_name("p:")
+    assert RecordRef("a:b", "c").store_key("p:") != RecordRef("a", "b:c").store_key("p:")
 
 
 # -- recursive and deep arguments ---------------------------------------------------------------

@@ -443,7 +443,7 @@ def test_replays_run_a_constructor_only_as_often_as_opted_in(opted_in: bool) -> 
     if not opted_in:
         key = "cached-elsewhere"
         store = audited.idem_store()
-        context = audited.key_context((), {}, key=key, message_options={})
+        context = audited.key_target((), {}, key=key, message_options={})
         store.reserve(context.ref, task_id="t0", fingerprint=context.fingerprint,
                       task_name=audited.name, ttl_ms=60_000)
         store.claim(context.ref, task_id="t0", owner="o", fingerprint=context.fingerprint,

@@ -1,5 +1,6 @@
 -- Shared prelude, prepended to every script when it is loaded (Lua has no include).
--- Field names: see celery_idempotency/records.py.
+-- Field names: see celery_idempotency/records.py. The order of each script's ARGV:
+-- SCRIPT_ARGS in celery_idempotency/store/redis.py (each script names them at its top).
 -- Time is the server's own (TIME): workers with skewed clocks still agree on lease expiry.
 -- Redis >= 5 replicates script effects, so calling TIME before writing is safe.
 local function now_ms()
@@ -20,15 +21,13 @@ local function int(n)
   return string.format('%.0f', n)
 end
 
--- {status, field, value, field, value, ...}: the status and the whole record in one reply.
-local function reply(status, key)
+-- {status, [extra,] field, value, field, value, ...}: the status (and one more value, if
+-- given) and the whole record in one reply.
+local function reply(status, key, extra)
   local fields = redis.call('HGETALL', key)
+  if extra ~= nil then table.insert(fields, 1, extra) end
   table.insert(fields, 1, status)
   return fields
-end
-
-local function lease_alive(key, now)
-  return tonumber(redis.call('HGET', key, 'l') or '0') > now
 end
 
 -- Lengthen the record's TTL to at least ms, never shorten it: a record outlives its lease

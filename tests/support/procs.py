@@ -1,4 +1,5 @@
-"""Processes from /proc (no psutil): pool children of a worker, members of a process group."""
+"""Processes from /proc (no psutil): pool children of a worker, members of a process group,
+whether a process is alive and who its parent is."""
 
 from __future__ import annotations
 
@@ -55,3 +56,15 @@ def wait_gone(pid: int, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.005)
     return False
+
+
+def pid_alive(pid: int) -> bool:
+    """``pid`` runs (it is neither gone nor a zombie)."""
+    return alive(read_proc(pid))
+
+
+def parent_of(pid: int) -> int:
+    proc = read_proc(pid)
+    if proc is None:
+        raise ProcessLookupError(pid)
+    return proc.ppid

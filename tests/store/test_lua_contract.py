@@ -1,0 +1,69 @@
+"""The Lua scripts against their one Python definition: each script names, at its top, the
+ARGV that `SCRIPT_ARGS` (store/redis.py) passes, in the same order, and writes no record field
+that records.py does not define. No Redis needed: the scripts are read as text."""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+
+import pytest
+
+from celery_idempotency.records import ALL_FIELDS
+from celery_idempotency.store.redis import _SCRIPTS, SCRIPT_ARGS
+
+LUA = importlib.resources.files("celery_idempotency.store").joinpath("lua")
+# Quoted words in the scripts that are not field names: commands, states, replies.
+NOT_FIELDS = {"TIME", "HGETALL", "HGET", "HMGET", "HSET", "HDEL", "DEL", "EXISTS", "PTTL",
+              "PEXPIRE", "%.0f", "pending", "started", "succeeded", "failed", "claimed",
+              "taken_over", "busy", "mismatch", "ok", "lost", "reserved", "duplicate", "stale",
+              "", "0", "1"}
+
+
+def _code(name: str) -> str:
+    """The script without its comments."""
+    text = LUA.joinpath(f"{name}.lua").read_text()
+    return "\n".join(line.split("--", 1)[0] for line in text.splitlines())
+
+
+def _argv_names(code: str) -> tuple[list[str], str]:
+    """The names of ``local a, b = ARGV[1], tonumber(ARGV[2])`` lines, in ARGV order, and the
+    code below the last of them."""
+    names: dict[int, str] = {}
+    lines = code.splitlines()
+    last = 0
+    for number, line in enumerate(lines):
+        match = re.match(r"local ([\w, ]+) = (.*ARGV\[.*)$", line)
+        if match:
+            variables = [v.strip() for v in match.group(1).split(",")]
+            indices = [int(i) for i in re.findall(r"ARGV\[(\d+)\]", match.group(2))]
+            names.update(zip(indices, variables, strict=True))
+            last = number
+    return [names[index] for index in sorted(names)], "\n".join(lines[last + 1:])
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPT_ARGS))
+def test_each_script_names_its_argv_once_at_the_top_in_the_python_order(script: str) -> None:
+    code = _code(script)
+    wanted = [{"error": "error_json"}.get(name, name) for name in SCRIPT_ARGS[script]]
+    names, body = _argv_names(code)
+    assert names == wanted
+    header = LUA.joinpath(f"{script}.lua").read_text().split("\nlocal ", 1)[0]
+    assert "-- KEYS:" in header and "-- ARGV:" in header and "-- Returns" in header
+    # Named once: no positional ARGV below the names.
+    assert "ARGV[" not in body, f"{script}.lua uses ARGV positionally below its names"
+
+
+@pytest.mark.parametrize("script", sorted(_SCRIPTS))
+def test_scripts_write_only_fields_that_records_defines(script: str) -> None:
+    quoted = set(re.findall(r"'([^']*)'", _code(script)))
+    assert quoted - NOT_FIELDS <= set(ALL_FIELDS), quoted - NOT_FIELDS - set(ALL_FIELDS)
+
+
+def test_every_shared_function_is_used_by_some_script() -> None:
+    common = _code("_common")
+    functions = re.findall(r"^local function (\w+)", common, re.MULTILINE)
+    scripts = {name: _code(name) for name in _SCRIPTS}
+    for function in functions:
+        users = [name for name, code in scripts.items() if re.search(rf"\b{function}\(", code)]
+        assert users, f"_common.lua: {function} is used by no script"

@@ -1,0 +1,69 @@
+"""The Celery apps of the integration tests, the chaos suite and the benchmarks: the one way
+they re-target the publishing app in their own process at a new stack (broker, queue, key
+store), and the one way their tasks reach the effects database."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import redis
+from celery import Celery
+from kombu import pools
+
+from celery_idempotency import IdempotentTask
+
+_ABSENT = object()
+
+
+def forget_idempotency_settings(app: Celery) -> None:
+    """Make every `IdempotentTask` of ``app`` resolve its idempotency settings again (after
+    ``app.conf`` changed)."""
+    for task in app.tasks.values():
+        if isinstance(task, IdempotentTask):
+            task.reset_idem_config()
+
+
+def point_app_at(app: Celery, **settings: Any) -> None:
+    """Apply ``settings`` to ``app`` and forget what was built from the old ones: the broker
+    connection pools, queue declarations and router (built on first use and cached) and the
+    tasks' resolved idempotency settings, so that the next publish goes to the new stack.
+
+    A setting an earlier call set and this one does not goes back to the app's own value: one
+    test's stack (``idempotency_on_store_error="fail_open"``, say) must not leak into the next
+    test's."""
+    originals: dict[str, Any] = app.__dict__.setdefault("_settings_before_stacks", {})
+    for name in settings:
+        originals.setdefault(name, app.conf.get(name, _ABSENT))
+    for name, original in originals.items():
+        if name in settings:
+            continue
+        if original is _ABSENT:
+            app.conf.changes.pop(name, None)
+        else:
+            app.conf[name] = original
+    app.conf.update(**settings)
+    app._pool = None
+    app.__dict__.pop("amqp", None)
+    pools.reset()
+    forget_idempotency_settings(app)
+
+
+class RedisFromEnv:
+    """``client = RedisFromEnv("EFFECTS_URL")``: ``client()`` is one Redis client per process,
+    made on first use from the URL in that environment variable (a worker's pool child makes
+    its own after the fork); `reset` forgets it (the variable changed)."""
+
+    def __init__(self, variable: str) -> None:
+        self.variable = variable
+        self._client: redis.Redis | None = None
+        self._pid = 0
+
+    def __call__(self) -> redis.Redis:
+        if self._client is None or self._pid != os.getpid():
+            self._client = redis.Redis.from_url(os.environ[self.variable])
+            self._pid = os.getpid()
+        return self._client
+
+    def reset(self) -> None:
+        self._client = None
