@@ -272,13 +272,17 @@ class Execution:
                     self.task_name, self.task_id, self.ref.key, claim.record.task_id, delay)
         return self.republish_later(delay, {})
 
+    def _announce_replay(self, claim: Claim, state: str, outcome: str) -> None:
+        assert claim.record is not None
+        logger.info("%s[%s] key=%r already %s as task %s: replaying its %s",
+                    self.task_name, self.task_id, self.ref.key, state, claim.record.task_id,
+                    outcome)
+        signals.outcome_replayed.send(sender=self.sender, key=self.ref.key,
+                                      scope=self.ref.scope, task_id=self.task_id, state=state)
+
     def _replay_result(self, claim: Claim) -> Any:
         assert claim.record is not None
-        logger.info("%s[%s] key=%r already succeeded as task %s: replaying its result",
-                    self.task_name, self.task_id, self.ref.key, claim.record.task_id)
-        signals.outcome_replayed.send(sender=self.sender, key=self.ref.key,
-                                      scope=self.ref.scope, task_id=self.task_id,
-                                      state="succeeded")
+        self._announce_replay(claim, "succeeded", "result")
         try:
             return decode_result(claim.record, accept=self.accept_for(
                 self.config.result_serializer))
@@ -289,11 +293,7 @@ class Execution:
 
     def _replay_error(self, claim: Claim) -> BaseException:
         assert claim.record is not None
-        logger.info("%s[%s] key=%r already failed as task %s: replaying its error",
-                    self.task_name, self.task_id, self.ref.key, claim.record.task_id)
-        signals.outcome_replayed.send(sender=self.sender, key=self.ref.key,
-                                      scope=self.ref.scope, task_id=self.task_id,
-                                      state="failed")
+        self._announce_replay(claim, "failed", "error")
         return rebuild_error(claim.record, replayable=self.config.cache_errors)
 
     def _run_claimed(self, store: KeyStore, claim: Claim, owner: str) -> Any:
