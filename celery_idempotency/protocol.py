@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import signals
+from . import events
 from .config import IdempotencyConfig
 from .exceptions import (
     CorruptRecord,
@@ -105,6 +105,8 @@ def publish(target: KeyTarget, *, sender: Any, task_name: str, task_id: str,
     if reservation.status is ReserveStatus.DUPLICATE and deduplicate:
         return _skip_duplicate(target, store, reservation, sender=sender, task_name=task_name,
                                task_id=task_id)
+    events.announce(events.KEY_RESERVED, sender, key=target.ref.key, scope=target.ref.scope,
+                    task_id=task_id, duplicate=reservation.status is ReserveStatus.DUPLICATE)
     sent = _send_or_unreserve(target, store, reservation, task_name=task_name, task_id=task_id,
                               send=send)
     return Publication(store=store, sent=sent,
@@ -139,9 +141,8 @@ def _skip_duplicate(target: KeyTarget, store: KeyStore, reservation: Reservation
     assert record is not None
     logger.info("duplicate publish of %s key=%r: not sent, original task %s (%s)",
                 task_name, target.ref.key, record.task_id, record.state.value)
-    signals.duplicate_published.send(
-        sender=sender, key=target.ref.key, scope=target.ref.scope, task_id=task_id,
-        original_task_id=record.task_id)
+    events.announce(events.DUPLICATE_PUBLISHED, sender, key=target.ref.key,
+                    scope=target.ref.scope, task_id=task_id, original_task_id=record.task_id)
     return Publication(store=store, original_task_id=record.task_id, duplicate=True)
 
 
@@ -168,9 +169,9 @@ def _send_or_unreserve(target: KeyTarget, store: KeyStore, reservation: Reservat
 class NoOutcome:
     """How a task that ended without an outcome of its own leaves its key.
 
-    ``reason`` is what `signals.claim_released` reports: ``retry`` (pending for the re-sent
-    message), ``ignore`` (the key is discarded: deleted), ``reject`` (pending for a requeued
-    message, else failed, retryable)."""
+    ``reason`` is what `events.CLAIM_RELEASED` (and `signals.claim_released`) reports:
+    ``retry`` (pending for the re-sent message), ``ignore`` (the key is discarded: deleted),
+    ``reject`` (pending for a requeued message, else failed, retryable)."""
 
     reason: str
     requeue: bool = False
@@ -200,7 +201,7 @@ class Execution:
         self.target = target
         self.ref = target.ref
         self.config = target.config
-        self.sender = sender  # the sender of this library's signals (the task)
+        self.sender = sender  # the sender of this library's events and signals (the task)
         self.task_name = task_name
         self.task_id = task_id
         self.lease_ms = lease_ms
@@ -268,6 +269,8 @@ class Execution:
             except IdempotencyError:  # only a hint: never lose the message over it
                 remaining = self.config.busy_retry_delay
         delay = max(0.05, min(self.config.busy_retry_delay, remaining))
+        events.announce(events.CLAIM_BUSY, self.sender, key=self.ref.key, scope=self.ref.scope,
+                        task_id=self.task_id, owner_task_id=claim.record.task_id, delay=delay)
         logger.info("%s[%s] key=%r is running as task %s; looking again in %.2f s",
                     self.task_name, self.task_id, self.ref.key, claim.record.task_id, delay)
         return self.republish_later(delay, {})
@@ -277,8 +280,8 @@ class Execution:
         logger.info("%s[%s] key=%r already %s as task %s: replaying its %s",
                     self.task_name, self.task_id, self.ref.key, state, claim.record.task_id,
                     outcome)
-        signals.outcome_replayed.send(sender=self.sender, key=self.ref.key,
-                                      scope=self.ref.scope, task_id=self.task_id, state=state)
+        events.announce(events.OUTCOME_REPLAYED, self.sender, key=self.ref.key,
+                        scope=self.ref.scope, task_id=self.task_id, state=state)
 
     def _replay_result(self, claim: Claim) -> Any:
         assert claim.record is not None
@@ -302,12 +305,12 @@ class Execution:
             logger.warning("%s[%s] key=%r: the lease of task %s expired; taken over "
                            "(fence %d)", self.task_name, self.task_id, ref.key,
                            claim.previous_task_id, claim.fence)
-            signals.lease_taken_over.send(sender=self.sender, key=ref.key, scope=ref.scope,
-                                          task_id=self.task_id, fence=claim.fence,
-                                          previous_task_id=claim.previous_task_id)
-        signals.key_claimed.send(sender=self.sender, key=ref.key, scope=ref.scope,
-                                 task_id=self.task_id, fence=claim.fence,
-                                 took_over=claim.status is ClaimStatus.TAKEN_OVER)
+            events.announce(events.LEASE_TAKEN_OVER, self.sender, key=ref.key,
+                            scope=ref.scope, task_id=self.task_id, fence=claim.fence,
+                            previous_task_id=claim.previous_task_id)
+        events.announce(events.KEY_CLAIMED, self.sender, key=ref.key, scope=ref.scope,
+                        task_id=self.task_id, fence=claim.fence,
+                        took_over=claim.status is ClaimStatus.TAKEN_OVER)
         self.claimed(claim.fence)
         held = lease_keeper.hold(store, ref, owner, self.lease_ms)
         try:
@@ -388,8 +391,8 @@ class Execution:
                 return
             except OwnershipLost as exc:
                 logger.error("%s[%s]: did not %s: %s", self.task_name, self.task_id, what, exc)
-                signals.ownership_lost.send(sender=self.sender, key=ref.key, scope=ref.scope,
-                                            task_id=self.task_id, action=what)
+                events.announce(events.OWNERSHIP_LOST, self.sender, key=ref.key,
+                                scope=ref.scope, task_id=self.task_id, action=what)
                 return
             except (StoreMisconfigured, CorruptRecord) as exc:
                 # Retrying cannot help: say so at once instead of for store_write_timeout.
@@ -427,8 +430,8 @@ class Execution:
         self._released(reason)
 
     def _released(self, reason: str) -> None:
-        signals.claim_released.send(sender=self.sender, key=self.ref.key, scope=self.ref.scope,
-                                    task_id=self.task_id, reason=reason)
+        events.announce(events.CLAIM_RELEASED, self.sender, key=self.ref.key,
+                        scope=self.ref.scope, task_id=self.task_id, reason=reason)
 
     # -- hooks: what the task framework provides ---------------------------------------------
 
@@ -486,9 +489,9 @@ def abandon(locate: Callable[[], tuple[KeyTarget, KeyStore]], *, sender: Any, ta
                      exc_info=not isinstance(exc, IdempotencyError))
         return
     if changed:
-        signals.claim_released.send(sender=sender, key=target.ref.key,
-                                    scope=target.ref.scope, task_id=task_id,
-                                    reason="requeued" if requeued else "abandoned")
+        events.announce(events.CLAIM_RELEASED, sender, key=target.ref.key,
+                        scope=target.ref.scope, task_id=task_id,
+                        reason="requeued" if requeued else "abandoned")
         logger.warning("%s[%s] key=%r: %s; claim given up (%s)", task_name, task_id,
                        target.ref.key, error or type(error).__name__,
                        "pending for the redelivery" if requeued

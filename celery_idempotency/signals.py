@@ -22,6 +22,7 @@ from typing import Any
 from celery.signals import before_task_publish
 from celery.utils.dispatch import Signal
 
+from . import events
 from .config import KEY_HEADER
 from .keys import validate_key
 
@@ -43,6 +44,24 @@ ownership_lost = Signal(name="idempotency_ownership_lost", providing_args=_ARGS 
 #: A claim ended without an outcome of the task's own (``reason``: ``retry``, ``ignore`` (the key
 #: was discarded), ``reject``, ``shutdown``, ``requeued``, ``abandoned``; see the README).
 claim_released = Signal(name="idempotency_claim_released", providing_args=_ARGS | {"reason"})
+
+
+
+def _forward(event: str, sender: Any, fields: dict[str, Any]) -> None:
+    """Send the protocol's event as the public signal of the same name, if there is one."""
+    signal = _SIGNALS.get(event)
+    if signal is not None:
+        signal.send(sender=sender, **fields)
+
+
+_SIGNALS: dict[str, Signal] = {
+    events.KEY_CLAIMED: key_claimed, events.DUPLICATE_PUBLISHED: duplicate_published,
+    events.OUTCOME_REPLAYED: outcome_replayed, events.LEASE_TAKEN_OVER: lease_taken_over,
+    events.OWNERSHIP_LOST: ownership_lost, events.CLAIM_RELEASED: claim_released,
+}
+# At import: the protocol announces, the signals are sent (this module is imported with the
+# package, before any task runs).
+events.subscribe("celery_idempotency.signals", _forward)
 
 _current_key: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "celery_idempotency_key", default=None)
