@@ -28,11 +28,12 @@ from kombu.serialization import prepare_accept_content
 
 from .celery_compat import task_meta
 from .config import resolve
-from .exceptions import ResultNotStored
+from .exceptions import ResultNotStored, StoreUnavailable
 from .keys import RecordRef
 from .outcomes import decode_result, rebuild_error
 from .records import KeyState, Record, ResultStatus
 from .store import KeyStore, store_for_app
+from .store.wakeups import SAFETY_POLL, Watch
 
 _CELERY_STATES = {
     KeyState.PENDING: states.PENDING,
@@ -44,6 +45,8 @@ _REVOKED_ERROR = f"{TaskRevokedError.__module__}.{TaskRevokedError.__qualname__}
 # A duplicate's handle may see the store's "succeeded, result not cached" a moment before the
 # worker has written the result to Celery's backend: wait this long for the backend first.
 _BACKEND_GRACE = 5.0
+# A waiter without notifications polls from this pause up to ``interval``.
+_POLL_FIRST = 0.01
 
 
 @functools.lru_cache(maxsize=16)
@@ -159,6 +162,13 @@ class IdempotentResult(AsyncResult):  # type: ignore[misc]
         if self.published or self.ignored:
             return super().get(timeout=timeout, propagate=propagate, interval=interval,
                                **options)
+        with self.store.watch(self.ref) as watch:
+            return self._get_from_either(watch, timeout, propagate, interval, **options)
+
+    def _get_from_either(self, watch: Watch, timeout: float | None, propagate: bool,
+                         interval: float, **options: Any) -> Any:
+        """A duplicate's ``get`` with a backend: whichever of the two knows the outcome first
+        (the store's completion wakes ``watch``; the backend is asked every ``interval``)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         not_cached_since: float | None = None
         while True:
@@ -187,29 +197,55 @@ class IdempotentResult(AsyncResult):  # type: ignore[misc]
                     f"{timeout} s")
             pause = interval if deadline is None else \
                 min(interval, max(0.0, deadline - time.monotonic()))
-            time.sleep(pause)
+            watch.wait(pause)
 
     def _get_from_store(self, timeout: float | None, propagate: bool, interval: float) -> Any:
-        """Wait for the key's outcome: the cached result, or its error raised."""
+        """Wait for the key's outcome: the cached result, or its error raised.
+
+        One read first: most duplicates ask for a result that is already there. Otherwise the
+        handle subscribes to the record's changes *before* reading again (no wake-up lost in
+        between) and sleeps until the store announces an outcome (or a deletion: it reads
+        again and keeps waiting). Without notifications (a Cluster, an ACL without pub/sub,
+        the subscription down) it polls, with backoff up to ``interval``. While waiting, a
+        store that is briefly unreachable (a restart, a failover) is waited out."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.01  # start fast: most duplicates ask for a result that is already there
-        while True:
-            record = self.record()
-            if self._eager_holds_result(record):
-                return self._eager.get(timeout=timeout, propagate=propagate)  # type: ignore
-            if record is not None and record.state is KeyState.SUCCEEDED:
-                return decode_result(record, accept=self.accept)
-            if record is not None and record.state is KeyState.FAILED:
-                error = self._error_of(record)
-                if propagate:
-                    raise error
-                return error
-            if deadline is not None and time.monotonic() >= deadline:
-                raise CeleryTimeoutError(
-                    f"idempotency key {self.ref.key!r} has no outcome after {timeout} s")
-            sleep = pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic()))
-            time.sleep(sleep)
-            pause = min(pause * 2, interval)
+        settled, value = self._settled(self.record(), timeout, propagate)
+        if settled:
+            return value
+        with self.store.watch(self.ref) as watch:
+            pause = _POLL_FIRST
+            while True:
+                try:
+                    record = self.record()
+                except StoreUnavailable:
+                    record = None  # not now: look again after the pause
+                else:
+                    settled, value = self._settled(record, timeout, propagate)
+                    if settled:
+                        return value
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise CeleryTimeoutError(
+                        f"idempotency key {self.ref.key!r} has no outcome after {timeout} s")
+                if watch.live:  # a change wakes us: only a safety poll
+                    wait, pause = SAFETY_POLL, _POLL_FIRST
+                else:
+                    wait, pause = pause, min(pause * 2, interval)
+                watch.wait(wait if left is None else min(wait, left))
+
+    def _settled(self, record: Record | None, timeout: float | None,
+                 propagate: bool) -> tuple[bool, Any]:
+        """``(True, outcome)`` once the key has one (an error is raised if ``propagate``)."""
+        if self._eager_holds_result(record):
+            return True, self._eager.get(timeout=timeout, propagate=propagate)  # type: ignore
+        if record is not None and record.state is KeyState.SUCCEEDED:
+            return True, decode_result(record, accept=self.accept)
+        if record is not None and record.state is KeyState.FAILED:
+            error = self._error_of(record)
+            if propagate:
+                raise error
+            return True, error
+        return False, None
 
     wait = get
 

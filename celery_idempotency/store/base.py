@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from ..exceptions import CorruptRecord, IdempotencyKeyMismatch, OwnershipLost
 from ..keys import RecordRef
 from ..records import F_FENCE, F_STATE, F_TASK_ID, F_UPDATED, Record, decode_record
+from .wakeups import PollingWatch, Watch
 
 
 class ReserveStatus(str, enum.Enum):
@@ -197,6 +198,12 @@ class KeyStore(abc.ABC):
     @abc.abstractmethod
     def ping(self) -> None:
         """Raise `StoreUnavailable` if the store cannot be reached."""
+
+    def watch(self, ref: RecordRef) -> Watch:
+        """Subscribe to the record's changes, before reading it (see `wakeups`): a waiter
+        then wakes when an outcome is written or the record deleted instead of polling.
+        Without notifications (this default) the watch only sleeps: the waiter polls."""
+        return PollingWatch()
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

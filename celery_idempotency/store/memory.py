@@ -54,6 +54,7 @@ from .base import (
     ownership_lost_error,
     unchanged_conditions,
 )
+from .wakeups import ChangeWatch, Watch
 
 Fields = dict[str, bytes]
 
@@ -83,6 +84,10 @@ class MemoryKeyStore(KeyStore):
         self.prefix = prefix
         self._clock_us = clock_us or (lambda: time.time_ns() // 1000)
         self._lock = threading.Lock()
+        # Waiters (`watch`) sleep on this; the writes the Lua scripts announce (``wake``)
+        # notify. Versions of watched records only: [version, watches].
+        self._changed = threading.Condition(self._lock)
+        self._watched: dict[str, list[int]] = {}
         self._records: dict[str, Fields] = {}
         self._expires: dict[str, int] = {}
 
@@ -111,6 +116,27 @@ class MemoryKeyStore(KeyStore):
     def _delete(self, name: str) -> None:
         self._records.pop(name, None)
         self._expires.pop(name, None)
+
+    def _wake(self, name: str) -> None:
+        """What the scripts' ``wake`` does: the record's waiters look again (under the lock)."""
+        watched = self._watched.get(name)
+        if watched is not None:
+            watched[0] += 1
+            self._changed.notify_all()
+
+    def watch(self, ref: RecordRef) -> Watch:
+        name = self.store_key(ref)
+        with self._lock:
+            watched = self._watched.setdefault(name, [0, 0])
+            watched[1] += 1
+
+        def release() -> None:
+            with self._lock:
+                watched[1] -= 1
+                if watched[1] == 0:
+                    self._watched.pop(name, None)
+
+        return ChangeWatch(self._changed, lambda: watched[0], release)
 
     def _decode(self, name: str, fields: Fields | None) -> Record | None:
         return decode_record(name, dict(fields)) if fields else None
@@ -163,6 +189,7 @@ class MemoryKeyStore(KeyStore):
                                      for field, value in conditions.items()):
                 return False
             self._delete(name)
+            self._wake(name)
             return True
 
     def unreserve(self, ref: RecordRef, *, task_id: str) -> bool:
@@ -195,6 +222,7 @@ class MemoryKeyStore(KeyStore):
                 fields.update(_fields({F_STATE: FAILED, F_ERROR: error, F_RETRYABLE: b"1",
                                        F_UPDATED: now}))
                 self._expire(name, ttl_ms, now)
+            self._wake(name)
             return True
 
     def delete_if_unchanged(self, record: Record) -> bool:
@@ -261,6 +289,7 @@ class MemoryKeyStore(KeyStore):
                     fields.update(updates)
                     fields.update(_fields({F_STATE: final, F_UPDATED: now}))
                     self._expire(name, ttl_ms, now)
+                    self._wake(name)
                     return
             raise ownership_lost_error(ref, owner, self._decode(name, fields), action)
 

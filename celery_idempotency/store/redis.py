@@ -49,6 +49,7 @@ from .base import (
 )
 from .connect import redis_client
 from .errors import Fault, classify, corrupt_record, reply_text, script_failed, store_error
+from .wakeups import PollingWatch, RedisWaker, Watch, wake_channel
 
 # Each script's ARGV, in order: the one place the Python side spells it (the store and the
 # benchmarks build their arguments with `script_args`). Each script names the same values at
@@ -119,6 +120,9 @@ class RedisKeyStore(KeyStore):
         self.prefix = prefix
         self._scripts: dict[str, Script] = {
             name: client.register_script(_load_script(name)) for name in _SCRIPTS}
+        # Waiters' wake-ups: one subscriber connection for the store. Not on a Cluster (a
+        # shard channel lives on its slot's node: one connection per node, not done yet).
+        self._waker = None if isinstance(client, RedisCluster) else RedisWaker(client)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "idem:", timeout: float = 2.0) -> RedisKeyStore:
@@ -329,6 +333,13 @@ class RedisKeyStore(KeyStore):
     def ping(self) -> None:
         self._call(None, self.client.ping)
 
+    def watch(self, ref: RecordRef) -> Watch:
+        if self._waker is None:
+            return PollingWatch()
+        return self._waker.watch(wake_channel(self.store_key(ref)))
+
     def close(self) -> None:
+        if self._waker is not None:
+            self._waker.close()
         self.client.close()
 

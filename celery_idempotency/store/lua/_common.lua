@@ -35,3 +35,12 @@ end
 local function expire_at_least(key, ms)
   if redis.call('PTTL', key) < tonumber(ms) then redis.call('PEXPIRE', key, ms) end
 end
+
+-- Wake the record's waiters (celery_idempotency/store/wakeups.py): an outcome is final or the
+-- record is gone. A shard channel (Redis >= 7: on a Cluster it stays in the record's shard),
+-- else a plain one (Redis 6). pcall: an ACL without channel permissions never fails the write.
+local function wake(key)
+  local channel = key .. ':wake'
+  local sent = redis.pcall('SPUBLISH', channel, '1')
+  if type(sent) == 'table' and sent.err then redis.pcall('PUBLISH', channel, '1') end
+end

@@ -31,4 +31,5 @@ else
   redis.call('HSET', rec, 'st', 'failed', 'e', error_json, 'ry', '1', 'u', now)
   redis.call('PEXPIRE', rec, ttl_ms)
 end
+wake(rec)
 return 1

@@ -20,4 +20,5 @@ if content_type ~= '' then redis.call('HSET', rec, 'ct', content_type) end
 if content_encoding ~= '' then redis.call('HSET', rec, 'ce', content_encoding) end
 if result_status ~= '' then redis.call('HSET', rec, 'rs', result_status) end
 redis.call('PEXPIRE', rec, ttl_ms)
+wake(rec)
 return {'ok'}

@@ -13,4 +13,5 @@ for i = 1, #conditions, 2 do
   if redis.call('HGET', rec, conditions[i]) ~= conditions[i + 1] then return 0 end
 end
 redis.call('DEL', rec)
+wake(rec)
 return 1

@@ -13,4 +13,5 @@ if state ~= 'started' then return reply('lost', rec) end
 redis.call('HDEL', rec, 'l')
 redis.call('HSET', rec, 'st', 'failed', 'e', error_json, 'ry', retryable, 'u', now_ms())
 redis.call('PEXPIRE', rec, ttl_ms)
+wake(rec)
 return {'ok'}
