@@ -49,6 +49,12 @@ logger = logging.getLogger("celery_idempotency")
 
 #: Header counting how often a message came back because the store could not be used.
 STORE_ATTEMPT_HEADER = "idempotency_store_attempt"
+#: Header counting how often a message came back because a live owner held its key.
+BUSY_ATTEMPT_HEADER = "idempotency_busy_attempt"
+# A message blocked by a live owner waits in the worker this long (at most) on its first look
+# for the owner's outcome, woken by it: a short owner's duplicate replays at once, and the
+# worker slot is held briefly. After that it is re-sent with backoff (`Execution._busy`).
+_BUSY_WAIT = 0.5
 # Pauses between outcome-write attempts while the store is unreachable: short, so that the
 # write lands soon after the store is back, before a duplicate could take the expired lease
 # over (the lease keeper renews it as soon as the store answers).
@@ -197,7 +203,7 @@ class Execution:
     `celery_idempotency.task`)."""
 
     def __init__(self, target: KeyTarget, *, sender: Any, task_name: str, task_id: str,
-                 lease_ms: int, store_attempt: int = 0) -> None:
+                 lease_ms: int, store_attempt: int = 0, busy_attempt: int = 0) -> None:
         self.target = target
         self.ref = target.ref
         self.config = target.config
@@ -206,6 +212,7 @@ class Execution:
         self.task_id = task_id
         self.lease_ms = lease_ms
         self.store_attempt = store_attempt  # how often the store could not be used so far
+        self.busy_attempt = busy_attempt  # how often a live owner held the key so far
 
     def execute(self) -> Any:
         """Claim the key, then run the task, replay its outcome, or come back later."""
@@ -233,6 +240,8 @@ class Execution:
         return store, claim
 
     def _handle_for_status(self, store: KeyStore, claim: Claim, owner: str) -> Any:
+        if claim.status is ClaimStatus.BUSY:
+            claim = self._await_owner(store, claim, owner)
         if claim.status is ClaimStatus.BUSY:
             raise self._busy(store, claim)
         if claim.status is ClaimStatus.SUCCEEDED:
@@ -268,12 +277,45 @@ class Execution:
                 remaining = ((claim.record.lease_expires_ms or 0) - store.now_ms()) / 1000
             except IdempotencyError:  # only a hint: never lose the message over it
                 remaining = self.config.busy_retry_delay
-        delay = max(0.05, min(self.config.busy_retry_delay, remaining))
+        # Backoff: busy_retry_delay, doubled at each look, so a long owner costs a few re-sends
+        # (not one per second); never past the lease left, so a dead owner is taken over as
+        # soon as its lease runs out (a live one renews it: the next look comes that soon).
+        backoff = self.config.busy_retry_delay * 2 ** min(self.busy_attempt, 30)
+        delay = max(0.05, min(backoff, remaining))
         events.announce(events.CLAIM_BUSY, self.sender, key=self.ref.key, scope=self.ref.scope,
                         task_id=self.task_id, owner_task_id=claim.record.task_id, delay=delay)
         logger.info("%s[%s] key=%r is running as task %s; looking again in %.2f s",
                     self.task_name, self.task_id, self.ref.key, claim.record.task_id, delay)
-        return self.republish_later(delay, {})
+        return self.republish_later(delay, {BUSY_ATTEMPT_HEADER: self.busy_attempt + 1})
+
+    def _await_owner(self, store: KeyStore, claim: Claim, owner: str) -> Claim:
+        """On a message's first busy look, wait up to `_BUSY_WAIT` in the worker for the
+        owner's outcome, woken by the store (`KeyStore.watch`), and claim again: a short
+        owner's duplicate then replays (or runs) at once instead of a re-send later. Only
+        with notifications (no polling loop), and only a shortcut: any store error ends it."""
+        budget = min(_BUSY_WAIT, self.config.busy_retry_delay,
+                     (claim.lease_remaining_ms or 0) / 1000)
+        if self.busy_attempt > 0 or budget <= 0:
+            return claim
+        deadline = time.monotonic() + budget
+        try:
+            with store.watch(self.ref) as watch:
+                while watch.live:
+                    # Claimed again after subscribing: an outcome written meanwhile is seen.
+                    again = self._claim_again(store, owner)
+                    left = deadline - time.monotonic()
+                    if again.status is not ClaimStatus.BUSY or left <= 0:
+                        return again
+                    claim = again
+                    watch.wait(left)
+        except IdempotencyError:
+            pass
+        return claim
+
+    def _claim_again(self, store: KeyStore, owner: str) -> Claim:
+        return store.claim(self.ref, task_id=self.task_id, owner=owner,
+                           fingerprint=self.target.fingerprint, task_name=self.task_name,
+                           lease_ms=self.lease_ms, ttl_ms=self.config.ttl_ms)
 
     def _announce_replay(self, claim: Claim, state: str, outcome: str) -> None:
         assert claim.record is not None

@@ -45,6 +45,7 @@ from .keys import (
     validate_key,
 )
 from .protocol import (
+    BUSY_ATTEMPT_HEADER,
     STORE_ATTEMPT_HEADER,
     Execution,
     KeyTarget,
@@ -64,7 +65,7 @@ _CELERY_BUILTINS = "celery.app.builtins"  # the module of Celery's own tasks
 # duplicate short-circuits at execution, so that callbacks, chords and group results still fire.
 # Present, even empty, is enough: the last step of a chain is sent with ``chain=[]``.
 _CANVAS_OPTIONS = ("link", "link_error", "chain", "chord", "group_id")
-_OUR_HEADERS = (KEY_HEADER, FINGERPRINT_HEADER, STORE_ATTEMPT_HEADER,
+_OUR_HEADERS = (KEY_HEADER, FINGERPRINT_HEADER, STORE_ATTEMPT_HEADER, BUSY_ATTEMPT_HEADER,
                 *(PREFIX + name for name in PER_MESSAGE))
 _UNSET: Any = object()
 
@@ -296,7 +297,8 @@ class IdempotentTask(Task):  # type: ignore[misc]
                       if (value := getattr(request, name, None)) is not None}}
         target = self.key_target_of_message(args, kwargs, headers)
         return _CeleryExecution(self, target, args, kwargs,
-                                store_attempt=int(headers.get(STORE_ATTEMPT_HEADER) or 0)
+                                store_attempt=int(headers.get(STORE_ATTEMPT_HEADER) or 0),
+                                busy_attempt=_count(headers.get(BUSY_ATTEMPT_HEADER))
                                 ).execute()
 
     def _republish_later(self, countdown: float, extra_headers: Mapping[str, Any]) -> Retry:
@@ -329,10 +331,10 @@ class _CeleryExecution(Execution):
     """One execution of an `IdempotentTask`: the protocol's hooks in Celery's terms."""
 
     def __init__(self, task: IdempotentTask, target: KeyTarget, args: tuple[Any, ...],
-                 kwargs: dict[str, Any], *, store_attempt: int) -> None:
+                 kwargs: dict[str, Any], *, store_attempt: int, busy_attempt: int = 0) -> None:
         super().__init__(target, sender=task, task_name=task.name, task_id=task.request.id,
                          lease_ms=target.config.lease_ms(task.time_limit),
-                         store_attempt=store_attempt)
+                         store_attempt=store_attempt, busy_attempt=busy_attempt)
         self.task, self.args, self.kwargs = task, args, kwargs
 
     def open_store(self, config: IdempotencyConfig) -> KeyStore:
@@ -374,6 +376,14 @@ class _CeleryExecution(Execution):
     def republish_later(self, delay: float, extra_headers: Mapping[str, Any]) -> BaseException:
         retry: BaseException = self.task._republish_later(delay, extra_headers)
         return retry
+
+
+def _count(value: Any) -> int:
+    """A counter header as sent by us; anything else (a hand-made message) counts as 0."""
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _retry_delay_ms(when: Any) -> int:
