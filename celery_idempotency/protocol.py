@@ -298,8 +298,13 @@ class Execution:
         if self.busy_attempt > 0 or budget <= 0:
             return claim
         deadline = time.monotonic() + budget
+        holder = claim.record.task_id if claim.record is not None else "?"
         try:
             with store.watch(self.ref) as watch:
+                if watch.live:
+                    logger.info("%s[%s] key=%r is held by task %s; waiting up to %.2f s for "
+                                "its outcome", self.task_name, self.task_id, self.ref.key,
+                                holder, budget)
                 while watch.live:
                     # Claimed again after subscribing: an outcome written meanwhile is seen.
                     again = self._claim_again(store, owner)

@@ -52,6 +52,11 @@ AUTH_CODES = frozenset({"NOAUTH", "WRONGPASS"})
 # What the library runs, for the message of a NOPERM (keep in step with store/redis.py and lua/).
 REQUIRED_COMMANDS = ("EVALSHA", "SCRIPT LOAD", "HGETALL", "HMGET", "HGET", "HSET", "HDEL", "DEL",
                      "EXISTS", "PEXPIRE", "PTTL", "TIME", "SCAN", "PING")
+# Optional: waking waiters (store/wakeups.py), with the channels ``&<prefix>*``. Without them
+# every write still works (the scripts publish through redis.pcall) and waiters poll instead.
+# INFO tells a Redis 6 (plain channels) from a 7 (shard channels); denied, 7 is assumed.
+WAKEUP_COMMANDS = ("SPUBLISH", "PUBLISH", "SSUBSCRIBE", "SUBSCRIBE", "SUNSUBSCRIBE",
+                   "UNSUBSCRIBE", "INFO")
 
 _CODE = re.compile(r"[A-Z][A-Z_]+")
 # Redis 6 wraps an error met inside a script: "... @user_script:12: -WRONGTYPE Operation ...",
