@@ -71,7 +71,8 @@ class IdempotencyConfig:
     result_serializer: str = "json"
     #: Largest cached result or error, in bytes.
     max_result_bytes: int = 512 * 1024
-    #: Longest pause, in seconds, before a duplicate looks again at a key another worker runs.
+    #: First pause, in seconds, before a duplicate looks again at a key another worker runs;
+    #: doubled at each further look, and never past the owner's lease left.
     busy_retry_delay: float = 1.0
     #: Longest pause, in seconds, before a message refused by the store is tried again.
     store_retry_max_delay: float = 60.0
