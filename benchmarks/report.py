@@ -131,6 +131,22 @@ def tables(results: dict[str, Any]) -> list[str]:
                 for point, values in data["points"].items()]
         out += _table(["succeeded records", "bytes per record"], rows)
         out += ["", f"Seeding: {data['method']}."]
+    if "wakeups" in sections:
+        data = sections["wakeups"]
+        out += ["", "**7. Waiting without polling**: completion write -> a waiting "
+                "`IdempotentResult.get()` returns (threads of one process, one shared "
+                "subscription).", ""]
+        out += _table(["store, waiters", "p50 ms", "p90 ms", "p99 ms", "max ms", "n"],
+                      [[name, _f(s["p50_ms"]), _f(s["p90_ms"]), _f(s["p99_ms"]),
+                        _f(s["max_ms"]), str(s["n"])] for name, s in data["get"].items()])
+        out += ["", "A duplicate message blocked by a live owner (prefork worker): owner's "
+                "completion -> the duplicate's link callback ran.", ""]
+        out += _table(["owner run", "p50 ms", "p90 ms", "max ms", "n"],
+                      [[name, _f(b["callback_after_completion"]["p50_ms"], 1),
+                        _f(b["callback_after_completion"]["p90_ms"], 1),
+                        _f(b["callback_after_completion"]["max_ms"], 1),
+                        str(b["callback_after_completion"]["n"])]
+                       for name, b in data["duplicates"].items()])
     if "latency" in sections:
         data = sections["latency"]
         stats = data["stats"]
@@ -186,6 +202,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         checks.append({"target": f"worker overhead (claim + complete) p50 <= "
                        f"{MAX_LATENCY_OVER_PING} x PING p50", "value": round(value, 2),
                        "met": value <= MAX_LATENCY_OVER_PING})
+    if "wakeups" in sections:
+        checks += sections["wakeups"]["targets"]
     if "memory" in sections:
         for point, values in sections["memory"]["points"].items():
             value = values["bytes_per_record"]

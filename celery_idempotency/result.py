@@ -216,7 +216,7 @@ class IdempotentResult(AsyncResult):  # type: ignore[misc]
             pause = _POLL_FIRST
             while True:
                 try:
-                    record = self.record()
+                    record = watch.read(self.record)
                 except StoreUnavailable:
                     record = None  # not now: look again after the pause
                 else:

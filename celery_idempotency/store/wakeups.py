@@ -34,11 +34,12 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
 logger = logging.getLogger("celery_idempotency")
+T = TypeVar("T")
 
 WAKE_SUFFIX = ":wake"
 # While notifications are trusted, a waiter still re-reads the record this often: pub/sub may
@@ -69,6 +70,11 @@ class Watch(abc.ABC):
         """Block until the record may have changed since the last call (True) or ``timeout``
         seconds passed (False). A change made after the watch was opened is never missed
         while `live`."""
+
+    def read(self, fetch: Callable[[], T]) -> T:
+        """``fetch()`` (a read of the record). Watches of one key in one process may share
+        one read per wake-up: a hundred waiters woken by one outcome read it once."""
+        return fetch()
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Stop watching."""
@@ -127,8 +133,14 @@ class _Channel:
     def __init__(self) -> None:
         self.watches: set[_RedisWatch] = set()
         self.confirmed = threading.Event()
+        # Bumped by every wake-up: a read made at this generation reflects every change
+        # announced so far, so the channel's other watches may reuse it.
+        self.generation = 0
+        self.read_lock = threading.Lock()
+        self.last_read: tuple[int, Any] | None = None
 
     def wake(self) -> None:
+        self.generation += 1
         for watch in list(self.watches):
             watch.flag.set()
 
@@ -148,6 +160,20 @@ class _RedisWatch(Watch):
         woken = self.flag.wait(max(0.0, timeout))
         self.flag.clear()
         return woken
+
+    def read(self, fetch: Callable[[], T]) -> T:
+        channel = self.channel
+        if not self.live:  # without notifications a generation proves nothing
+            return fetch()
+        with channel.read_lock:
+            generation = channel.generation
+            last = channel.last_read
+            if last is not None and last[0] == generation:
+                value: T = last[1]
+                return value
+            value = fetch()  # an error is not shared: the next waiter reads again
+            channel.last_read = (generation, value)
+            return value
 
     def close(self) -> None:
         self._waker.release(self)
