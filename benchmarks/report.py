@@ -135,7 +135,8 @@ def tables(results: dict[str, Any]) -> list[str]:
         data = sections["wakeups"]
         out += ["", "**7. Waiting without polling**: completion write -> a waiting "
                 "`IdempotentResult.get()` returns (threads of one process, one shared "
-                "subscription).", ""]
+                f"subscription). PING p50 {data['ping']['p50_ms']:.2f} ms, p99 "
+                f"{data['ping']['p99_ms']:.2f} ms meanwhile.", ""]
         out += _table(["store, waiters", "p50 ms", "p90 ms", "p99 ms", "max ms", "n"],
                       [[name, _f(s["p50_ms"]), _f(s["p90_ms"]), _f(s["p99_ms"]),
                         _f(s["max_ms"]), str(s["n"])] for name, s in data["get"].items()])

@@ -133,6 +133,14 @@ def wakeups(stack: Stack, *, iterations: int, rounds: int, log: Any) -> dict[str
     url = stack.store.url(STORE_DB)
     results: dict[str, Any] = {"get": {}, "duplicates": {}}
     writer = RedisKeyStore.from_url(url)
+    pings = []
+    for _ in range(300):  # the round-trip floor now (the machine is shared: it moves)
+        start = time.perf_counter()
+        writer.client.ping()
+        pings.append(time.perf_counter() - start)
+    results["ping"] = _stats_ms(pings)
+    log(f"[wakeups] PING p50 {results['ping']['p50_ms']:.2f} ms, "
+        f"p99 {results['ping']['p99_ms']:.2f} ms")
     for waiters in (1, 100):
         count = max(3, iterations // waiters) if waiters > 1 else iterations
         reader = RedisKeyStore.from_url(url)

@@ -198,6 +198,7 @@ class RedisWaker:
         # an earlier subscription must not confirm a newer one.
         self._unconfirmed: dict[bytes, int] = {}
         self._pubsub: Any = None
+        self._own: redis.Redis | None = None
         self._reader: threading.Thread | None = None
         self._sharded: bool | None = None
         self.healthy = False
@@ -257,6 +258,8 @@ class RedisWaker:
                 entry.wake()
         if pubsub is not None:
             pubsub.close()
+        if self._own is not None and self._own is not self._client:
+            self._own.close()
 
     # -- the subscriber connection (under self._lock) -------------------------------------------
 
@@ -272,7 +275,7 @@ class RedisWaker:
         """A new subscriber connection, subscribed to every channel watched now."""
         if self._sharded is None:
             self._sharded = self._server_has_shard_channels()
-        self._pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
+        self._pubsub = self._subscriber().pubsub()  # type: ignore[no-untyped-call]
         self._unconfirmed.clear()
         self.healthy = True  # until a command or a read fails
         try:
@@ -281,6 +284,20 @@ class RedisWaker:
                 self._send_subscribe(name)
         except redis.RedisError:
             self._mark_unhealthy()
+
+    def _subscriber(self) -> redis.Redis:
+        """The client the subscriber connection comes from: a pool of its own where that is
+        simple (a plain server), so that it never takes one of the store's pooled
+        connections (redis-py's pool has a limit: a hundred threads already reach it)."""
+        if self._own is None:
+            pool = self._client.connection_pool
+            if type(pool) is redis.ConnectionPool:
+                self._own = redis.Redis(connection_pool=redis.ConnectionPool(
+                    connection_class=pool.connection_class, max_connections=2,
+                    **pool.connection_kwargs))
+            else:  # Sentinel: its pool finds the master
+                self._own = self._client
+        return self._own
 
     def _server_has_shard_channels(self) -> bool:
         try:

@@ -282,3 +282,23 @@ def test_a_closed_store_hands_out_polling_watches(redis_store: RedisKeyStore) ->
     redis_store.close()
     with redis_store.watch(REF) as watch:
         assert not watch.live
+
+
+def test_watches_of_one_key_share_one_read_per_wake_up(redis_store: RedisKeyStore) -> None:
+    _claim(redis_store)
+    watches = [redis_store.watch(REF) for _ in range(10)]
+    reads: list[int] = []
+
+    def fetch() -> Any:
+        reads.append(1)
+        return redis_store.get(REF)
+
+    try:
+        redis_store.complete(REF, owner=OWNER, result=RESULT, ttl_ms=DAY_MS)
+        assert all(watch.wait(WAKE_TIMEOUT) for watch in watches)
+        records = [watch.read(fetch) for watch in watches]
+        assert len(reads) == 1
+        assert all(r is not None and r.state.value == "succeeded" for r in records)
+    finally:
+        for watch in watches:
+            watch.close()
