@@ -210,9 +210,12 @@ class RedisWaker:
 
     def watch(self, channel: str) -> Watch:
         name = channel.encode("utf-8")
+        if self._pid != os.getpid():
+            # A forked child (a prefork pool's): no reader thread here, and the parent's lock
+            # may have been copied held. Start over with a lock of its own.
+            self._lock = threading.Lock()
+            self._reset()
         with self._lock:
-            if self._pid != os.getpid():
-                self._reset()
             if self.forbidden or self._closed:
                 return PollingWatch()
             self._start()
