@@ -57,6 +57,21 @@ class IdempotencyKeyMismatch(IdempotencyError):
     """
 
 
+class BulkPublishError(IdempotencyError):
+    """Some calls of ``apply_many`` met an error (`IdempotentTask.apply_many`).
+
+    The others were published (or found to be duplicates) all the same: ``results`` has one
+    entry per call, in call order, the call's handle or the exception it met; ``errors`` maps
+    the index of each failed call to its exception. The first error is the ``__cause__``.
+    """
+
+    def __init__(self, message: str, results: list[object]) -> None:
+        super().__init__(message)
+        self.results = results
+        self.errors = {index: result for index, result in enumerate(results)
+                       if isinstance(result, BaseException)}
+
+
 class StoreUnavailable(IdempotencyError):
     """The key store could not be reached; nothing was published or run unprotected."""
 
