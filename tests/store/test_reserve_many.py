@@ -21,6 +21,7 @@ from celery_idempotency import (
     StoreUnavailable,
 )
 from celery_idempotency.store import Reservation, ReserveRequest, ReserveStatus, ResultPayload
+from tests.support.counting import counting_round_trips
 from tests.support.records import write_raw
 from tests.support.services import RedisServer, free_port
 
@@ -139,22 +140,9 @@ def test_unreserve_many_deletes_only_our_own_pending_reservations(store: KeyStor
 
 # -- Redis: one round trip, and what the round trip meets -----------------------------------
 
-class CountingConnection(redis.Connection):
-    """A real connection that counts the times it writes to the socket: one write per round
-    trip (a pipeline is packed into one write)."""
-
-    writes = 0
-
-    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        type(self).writes += 1
-        super().send_packed_command(command, check_health)
-
-
 @pytest.fixture
 def counted(redis_server: RedisServer) -> Iterator[tuple[RedisKeyStore, redis.Redis]]:
-    pool = redis.ConnectionPool(host="127.0.0.1", port=redis_server.port, db=3,
-                                connection_class=CountingConnection)
-    client = redis.Redis(connection_pool=pool)
+    client = redis_server.client(3)
     client.flushdb()
     yield RedisKeyStore(client, prefix="t:"), redis_server.client(3)
     client.flushdb()
@@ -172,11 +160,12 @@ def test_redis_answers_a_batch_in_one_round_trip(
     store.reserve(RecordRef("tasks.charge", "warm-up"), task_id="w", fingerprint="fp1",
                   task_name="tasks.charge", ttl_ms=DAY_MS)  # connected, script loaded
     requests = [request(f"order-{n % 700}", f"t{n}") for n in range(1000)]  # 300 duplicates
-    writes, calls = CountingConnection.writes, _evalsha_calls(admin)
+    calls = _evalsha_calls(admin)
 
-    outcomes = store.reserve_many(requests)
+    with counting_round_trips(store.client) as round_trips:
+        outcomes = store.reserve_many(requests)
 
-    assert CountingConnection.writes - writes == 1
+    assert round_trips.count == 1
     assert _evalsha_calls(admin) - calls == 1000  # every request ran the script, as EVALSHA
     statuses = [reservation(o).status for o in outcomes]
     assert statuses.count(ReserveStatus.RESERVED) == 700
