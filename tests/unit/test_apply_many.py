@@ -191,3 +191,11 @@ def test_a_failed_send_gives_back_the_reservations_of_what_was_not_sent() -> Non
     assert remaining == ["existing"], "only the record the batch did not make is left"
     record = store.get(RecordRef("tests.receipt", "existing"))
     assert record is not None and record.state is KeyState.PENDING
+
+
+def test_a_task_with_idempotency_disabled_sends_every_call(app: Celery) -> None:
+    receipt, runs = make_task(app, idempotency_enabled=False)
+    results = receipt.apply_many([receipt.s(1), receipt.s(1)])
+    assert runs == [1, 1]
+    assert not any(isinstance(r, IdempotentResult) for r in results)
+    assert list(store_of(receipt).scan()) == []
