@@ -31,6 +31,15 @@ BatchOutcome = Publication | BaseException
 
 
 @dataclass(frozen=True)
+class BatchResult:
+    """The outcome of each call, in order; ``stopped_by``: the send error that ended the batch
+    (the calls from the failed one on answer with it), None when every call was handled."""
+
+    outcomes: list[BatchOutcome]
+    stopped_by: Exception | None = None
+
+
+@dataclass(frozen=True)
 class BatchCall:
     """One message of a batch, ready to send: ``target`` None for one sent unprotected (its
     task is not deduplicated: disabled, or a retry of the running task)."""
@@ -43,7 +52,7 @@ class BatchCall:
 
 
 def publish_many(calls: Sequence[BatchCall], *, sender: Any, task_name: str,
-                 config: IdempotencyConfig, open_store: OpenStore) -> list[BatchOutcome]:
+                 config: IdempotencyConfig, open_store: OpenStore) -> BatchResult:
     """Reserve the keys of ``calls`` in one store call, then send each message in order.
 
     ``config`` is the task's: every call of one task uses the same store. Raises only what
@@ -80,7 +89,7 @@ def _request(call: BatchCall, task_name: str) -> ReserveRequest:
 
 def _send_in_order(calls: Sequence[BatchCall],
                    reservations: dict[int, Reservation | IdempotencyError],
-                   store: KeyStore | None, *, sender: Any, task_name: str) -> list[BatchOutcome]:
+                   store: KeyStore | None, *, sender: Any, task_name: str) -> BatchResult:
     outcomes: list[BatchOutcome] = []
     index_of_task = {call.task_id: index for index, call in enumerate(calls)}
     for index, call in enumerate(calls):
@@ -90,14 +99,13 @@ def _send_in_order(calls: Sequence[BatchCall],
                                          sender=sender, task_name=task_name))
         except Exception as exc:
             # Not sent (and its own reservation given back): the broker failed. Stop here.
-            outcomes.append(exc)
             _give_back(calls, reservations, store, first=index + 1, task_name=task_name)
-            outcomes.extend(exc for _ in calls[index + 1:])
-            break
+            outcomes.extend(exc for _ in calls[index:])
+            return BatchResult(outcomes, stopped_by=exc)
         except BaseException:
             _give_back(calls, reservations, store, first=index + 1, task_name=task_name)
             raise
-    return outcomes
+    return BatchResult(outcomes)
 
 
 def _publish_one(call: BatchCall, reservation: Reservation | IdempotencyError | None,
@@ -157,4 +165,4 @@ def _give_back(calls: Sequence[BatchCall],
                      len(undo), exc)
 
 
-__all__ = ["BatchCall", "BatchOutcome", "publish_many"]
+__all__ = ["BatchCall", "BatchOutcome", "BatchResult", "publish_many"]

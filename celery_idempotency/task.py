@@ -298,26 +298,23 @@ class IdempotentTask(Task):  # type: ignore[misc]
             for start in range(0, len(prepared), batch_size):
                 chunk = prepared[start:start + batch_size]
                 try:
-                    outcomes = publish_many(chunk, sender=self, task_name=self.name,
-                                            config=self.idem_config(),
-                                            open_store=self.idem_store)
+                    batch = publish_many(chunk, sender=self, task_name=self.name,
+                                         config=self.idem_config(), open_store=self.idem_store)
                 except IdempotencyError as exc:  # no store for this chunk: none of it is sent
                     if not results:
                         raise  # nothing sent at all: as apply_async raises it
                     results.extend(exc for _ in prepared[start:])
                     break
-                for call, outcome in zip(chunk, outcomes, strict=True):
+                for call, outcome in zip(chunk, batch.outcomes, strict=True):
                     if isinstance(outcome, BaseException):
                         results.append(outcome)
                     elif call.target is None:
                         results.append(outcome.sent)
                     else:
                         results.append(self._handle_of(outcome, call.target, call.task_id))
-                if any(isinstance(outcome, Exception) and not isinstance(
-                        outcome, IdempotencyError) for outcome in outcomes):
-                    # A send failed: the batch stopped; the later chunks are not sent either.
-                    failure = next(o for o in reversed(outcomes) if isinstance(o, Exception))
-                    results.extend(failure for _ in prepared[start + batch_size:])
+                if batch.stopped_by is not None:
+                    # A send failed: the later chunks are not sent either.
+                    results.extend(batch.stopped_by for _ in prepared[start + batch_size:])
                     break
         errors = [result for result in results if isinstance(result, BaseException)]
         if errors and not return_exceptions:

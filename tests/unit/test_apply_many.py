@@ -168,9 +168,11 @@ def test_unreachable_store_sends_nothing_or_everything_unprotected(app: Celery) 
     assert not any(isinstance(r, IdempotentResult) for r in results)
 
 
-def test_a_failed_send_gives_back_the_reservations_of_what_was_not_sent() -> None:
-    """A broker that refuses connections: the first send fails, the batch stops, every call
-    answers with that error and no reservation is left behind (compare-and-delete)."""
+@pytest.mark.parametrize("batch_size", [1000, 1])
+def test_a_failed_send_gives_back_the_reservations_of_what_was_not_sent(batch_size: int) -> None:
+    """A broker that refuses connections: the first send fails, the batch stops (the later
+    batches are not reserved or sent either), every call answers with that error and no
+    reservation is left behind (compare-and-delete)."""
     app = Celery("bulk-send", broker=f"redis://127.0.0.1:{free_port()}/0",
                  set_as_current=False)
     app.conf.update(idempotency_store_url="memory://", broker_connection_timeout=0.3,
@@ -181,7 +183,8 @@ def test_a_failed_send_gives_back_the_reservations_of_what_was_not_sent() -> Non
                   fingerprint="fp", task_name="tests.receipt", ttl_ms=60_000)
 
     with pytest.raises(BulkPublishError) as info:
-        receipt.apply_many([receipt.s(1), receipt.s(2), receipt.s(1)], retry=False)
+        receipt.apply_many([receipt.s(1), receipt.s(2), receipt.s(1)], retry=False,
+                           batch_size=batch_size)
 
     error = info.value
     assert sorted(error.errors) == [0, 1, 2]
