@@ -71,6 +71,16 @@ class BulkPublishError(IdempotencyError):
         self.errors = {index: result for index, result in enumerate(results)
                        if isinstance(result, BaseException)}
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Pickled (raised in a task, stored by a pickle result backend): the errors survive,
+        # the handles (bound to this process's app and store) come back as None.
+        return (_rebuild_bulk, (self.message, len(self.results), self.errors))
+
+
+def _rebuild_bulk(message: str, count: int,
+                  errors: dict[int, BaseException]) -> BulkPublishError:
+    return BulkPublishError(message, [errors.get(index) for index in range(count)])
+
 
 class StoreUnavailable(IdempotencyError):
     """The key store could not be reached; nothing was published or run unprotected."""

@@ -4,6 +4,7 @@ tests/integration/test_bulk.py."""
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator
 from typing import Any
 
@@ -202,3 +203,13 @@ def test_a_task_with_idempotency_disabled_sends_every_call(app: Celery) -> None:
     assert runs == [1, 1]
     assert not any(isinstance(r, IdempotentResult) for r in results)
     assert list(store_of(receipt).scan()) == []
+
+
+def test_bulk_publish_error_pickles_with_its_errors() -> None:
+    mismatch = IdempotencyKeyMismatch("reused", key="k1", task_id="t0")
+    error = BulkPublishError("1 of 2 call(s)", [object(), mismatch])
+    copy = pickle.loads(pickle.dumps(error))
+    assert isinstance(copy, BulkPublishError) and str(copy) == "1 of 2 call(s)"
+    assert copy.results[0] is None and list(copy.errors) == [1]
+    assert isinstance(copy.errors[1], IdempotencyKeyMismatch)
+    assert (copy.errors[1].key, copy.errors[1].task_id) == ("k1", "t0")
