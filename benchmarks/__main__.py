@@ -28,18 +28,20 @@ from .services import (
     rabbitmq_version,
 )
 
-SECTIONS = ("throughput", "work", "duplicates", "publish", "roundtrips", "memory", "latency",
-            "wakeups")
+SECTIONS = ("throughput", "work", "duplicates", "publish", "bulk", "roundtrips", "memory",
+            "latency", "wakeups")
 RESULTS = ROOT / "benchmarks" / "results"
 
 FULL = {"tasks": 3000, "rounds": 5, "warmup": 300, "work_tasks": 1000, "work_rounds": 3,
         "work_ms": 2.0, "dup_tasks": 3000, "dup_rounds": 3, "publish_calls": 2000,
-        "publish_rounds": 5, "roundtrip_calls": 200, "memory_points": [100_000, 1_000_000],
+        "publish_rounds": 5, "bulk_calls": 10_000, "bulk_rounds": 3, "roundtrip_calls": 200,
+        "memory_points": [100_000, 1_000_000],
         "memory_sample": 2_000, "latency_iterations": 5_000, "wakeup_iterations": 300,
         "wakeup_rounds": 10}
 QUICK = {"tasks": 600, "rounds": 2, "warmup": 100, "work_tasks": 200, "work_rounds": 1,
          "work_ms": 2.0, "dup_tasks": 600, "dup_rounds": 1, "publish_calls": 500,
-         "publish_rounds": 2, "roundtrip_calls": 50, "memory_points": [20_000],
+         "publish_rounds": 2, "bulk_calls": 2_000, "bulk_rounds": 1, "roundtrip_calls": 50,
+         "memory_points": [20_000],
          "memory_sample": 500, "latency_iterations": 1_000, "wakeup_iterations": 100,
          "wakeup_rounds": 4}
 
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_sections(stack: Any, sections: list[str], params: dict[str, Any], brokers: list[str],
                   pools: list[str], out: dict[str, Any], log: Any) -> None:
-    from . import latency, memory, publish, roundtrips, throughput, wakeups
+    from . import bulk, latency, memory, publish, roundtrips, throughput, wakeups
 
     if "throughput" in sections:
         out["throughput"] = throughput.unique_throughput(
@@ -158,6 +160,9 @@ def _run_sections(stack: Any, sections: list[str], params: dict[str, Any], broke
     if "publish" in sections:
         out["publish"] = publish.publish_path(stack, calls=params["publish_calls"],
                                               rounds=params["publish_rounds"], log=log)
+    if "bulk" in sections:
+        out["bulk"] = bulk.bulk_publish(stack, calls=params["bulk_calls"], duplicate_share=0.3,
+                                        rounds=params["bulk_rounds"], log=log)
     if "roundtrips" in sections:
         out["roundtrips"] = roundtrips.round_trips(stack, calls=params["roundtrip_calls"],
                                                    log=log)

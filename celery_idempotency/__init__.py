@@ -8,6 +8,7 @@ instead of repeating the side effect.
 from .config import IdempotencyConfig
 from .exceptions import (
     ArgumentsNotCanonical,
+    BulkPublishError,
     ConfigurationError,
     CorruptRecord,
     IdempotencyError,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArgumentsNotCanonical",
+    "BulkPublishError",
     "ConfigurationError",
     "CorruptRecord",
     "IdempotencyConfig",

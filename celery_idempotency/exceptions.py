@@ -57,6 +57,31 @@ class IdempotencyKeyMismatch(IdempotencyError):
     """
 
 
+class BulkPublishError(IdempotencyError):
+    """Some calls of ``apply_many`` met an error (`IdempotentTask.apply_many`).
+
+    The others were published (or found to be duplicates) all the same: ``results`` has one
+    entry per call, in call order, the call's handle or the exception it met; ``errors`` maps
+    the index of each failed call to its exception. The first error is the ``__cause__``.
+    """
+
+    def __init__(self, message: str, results: list[object]) -> None:
+        super().__init__(message)
+        self.results = results
+        self.errors = {index: result for index, result in enumerate(results)
+                       if isinstance(result, BaseException)}
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Pickled (raised in a task, stored by a pickle result backend): the errors survive,
+        # the handles (bound to this process's app and store) come back as None.
+        return (_rebuild_bulk, (self.message, len(self.results), self.errors))
+
+
+def _rebuild_bulk(message: str, count: int,
+                  errors: dict[int, BaseException]) -> BulkPublishError:
+    return BulkPublishError(message, [errors.get(index) for index in range(count)])
+
+
 class StoreUnavailable(IdempotencyError):
     """The key store could not be reached; nothing was published or run unprotected."""
 

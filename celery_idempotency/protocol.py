@@ -103,6 +103,16 @@ def publish(target: KeyTarget, *, sender: Any, task_name: str, task_id: str,
     if reserved is None:
         return Publication(store=None, sent=send())
     store, reservation = reserved
+    return publish_reserved(target, store, reservation, sender=sender, task_name=task_name,
+                            task_id=task_id, deduplicate=deduplicate, send=send)
+
+
+def publish_reserved(target: KeyTarget, store: KeyStore, reservation: Reservation, *,
+                     sender: Any, task_name: str, task_id: str, deduplicate: bool,
+                     send: Callable[[], Any]) -> Publication:
+    """`publish` once the key is reserved (`reservation`, in ``store``): skip a duplicate,
+    else send, giving the reservation back if sending fails. Also the second half of a batch
+    (`celery_idempotency.batch`), whose reservations are made together."""
     if reservation.replaced_task_id:
         logger.warning("%s key=%r: task %s was reserved but never reached a worker within "
                        "idempotency_pending_timeout; its message is taken as lost and %s "

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-from celery import Task
+from celery import Signature, Task
 from celery.backends.base import DisabledBackend
 from celery.exceptions import Ignore, Reject, Retry
 from celery.result import ResultBase
 from celery.utils import uuid
 
 from . import celery_compat, pool_check, signals
+from .batch import BatchCall, publish_many
 from .celery_compat import current_worker_task, dump_pydantic_arguments
 from .config import (
     FINGERPRINT_HEADER,
@@ -35,7 +36,13 @@ from .config import (
     resolve,
     task_options_of,
 )
-from .exceptions import ArgumentsNotCanonical, IdempotencyKeyRequired
+from .exceptions import (
+    ArgumentsNotCanonical,
+    BulkPublishError,
+    ConfigurationError,
+    IdempotencyError,
+    IdempotencyKeyRequired,
+)
 from .keys import (
     RecordRef,
     bind_arguments,
@@ -208,6 +215,21 @@ class IdempotentTask(Task):  # type: ignore[misc]
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
                     producer: Any = None, link: Any = None, link_error: Any = None,
                     shadow: Any = None, **options: Any) -> Any:
+        call = self._prepare_call(args, kwargs, task_id=task_id, producer=producer, link=link,
+                                  link_error=link_error, shadow=shadow, options=options)
+        if call.target is None:
+            return call.send()
+        publication = publish(
+            call.target, sender=self, task_name=self.name, task_id=call.task_id,
+            open_store=self.idem_store, delay_ms=call.delay_ms, deduplicate=call.deduplicate,
+            send=call.send)
+        return self._handle_of(publication, call.target, call.task_id)
+
+    def _prepare_call(self, args: Any, kwargs: Any, *, task_id: str | None, producer: Any,
+                      link: Any, link_error: Any, shadow: Any,
+                      options: dict[str, Any]) -> BatchCall:
+        """One publish, validated and keyed, ready to send (`BatchCall`: ``target`` None when
+        it is sent unprotected). Raises for bad input before anything is reserved or sent."""
         idem_options = {name: options.pop(name) for name in list(options)
                         if name.startswith(PREFIX)}
         explicit_key = idem_options.pop(KEY_HEADER, None)
@@ -223,7 +245,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
         if not self.idem_config().enabled or self._is_republish_of_running(task_id):
             # A retry (self.retry, autoretry, our own wait) re-sends the running task's id
             # with its headers: it must always be published, never deduplicated.
-            return send(options, task_id)
+            return BatchCall(None, task_id or "", lambda: send(options, task_id))
 
         # Celery's own conversion first, so that the key is derived from what is sent.
         args, kwargs = dump_pydantic_arguments(self, args, kwargs, options)
@@ -240,13 +262,93 @@ class IdempotentTask(Task):  # type: ignore[misc]
                               FINGERPRINT_HEADER: target.fingerprint}
         in_canvas = bool(link or link_error) or any(
             options.get(name) is not None for name in _CANVAS_OPTIONS)
-        publication = publish(
-            target, sender=self, task_name=self.name, task_id=final_id,
-            open_store=self.idem_store,
-            delay_ms=_retry_delay_ms(options.get("countdown") or options.get("eta")),
-            deduplicate=not (in_canvas or holds_own_id),
-            send=lambda: send(options, final_id))
-        return self._handle_of(publication, target, final_id)
+        return BatchCall(target, final_id, lambda: send(options, final_id),
+                         delay_ms=_retry_delay_ms(options.get("countdown") or options.get("eta")),
+                         deduplicate=not (in_canvas or holds_own_id))
+
+    def apply_many(self, calls: Iterable[Any], *, producer: Any = None,
+                   return_exceptions: bool = False, batch_size: int = 1000,
+                   **options: Any) -> list[Any]:
+        """Publish many calls of this task, reserving their keys ``batch_size`` at a time in one
+        store round trip (instead of one per call), and sending them on one producer.
+
+        ``calls``: each is a signature of this task (``task.s(42)``, with its options:
+        ``task.s(42).set(idempotency_key="order-42", countdown=5)``) or an ``(args, kwargs)``
+        pair. ``options`` are ``apply_async`` options for every call; a signature's own
+        options win. Returns one handle per call, in order, as ``apply_async`` would return
+        it: a duplicate (of an earlier publish, or of an earlier call in ``calls``) is not sent
+        and gets the original's handle (``.duplicate`` set).
+
+        Errors: a call that cannot be published at all (not a call of this task, a bad key,
+        arguments without a canonical form, a missing required key, an unknown option) raises
+        before anything is reserved or sent. An error met at the store or broker (a key reused
+        with other arguments, a corrupt record, the broker failing) is that call's own: the
+        other calls are published all the same, then `BulkPublishError` is raised with every
+        call's handle or error, or, with ``return_exceptions=True``, the error takes the
+        call's place in the returned list. A failed send stops the batch: the calls after it
+        are not sent and answer with the same error. Without any store (unreachable, not
+        ``fail_open``) nothing is sent and `StoreUnavailable` is raised, as by ``apply_async``.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigurationError(f"apply_many batch_size must be a positive integer, "
+                                     f"not {batch_size!r}")
+        results: list[Any] = []
+        with self.app.producer_or_acquire(producer) as shared_producer:
+            prepared = [self._prepare_one_of_many(index, call, shared_producer, options)
+                        for index, call in enumerate(calls)]
+            for start in range(0, len(prepared), batch_size):
+                chunk = prepared[start:start + batch_size]
+                try:
+                    batch = publish_many(chunk, sender=self, task_name=self.name,
+                                         config=self.idem_config(), open_store=self.idem_store)
+                except IdempotencyError as exc:  # no store for this chunk: none of it is sent
+                    if not results:
+                        raise  # nothing sent at all: as apply_async raises it
+                    results.extend(exc for _ in prepared[start:])
+                    break
+                for call, outcome in zip(chunk, batch.outcomes, strict=True):
+                    if isinstance(outcome, BaseException):
+                        results.append(outcome)
+                    elif call.target is None:
+                        results.append(outcome.sent)
+                    else:
+                        results.append(self._handle_of(outcome, call.target, call.task_id))
+                if batch.stopped_by is not None:
+                    # A send failed: the later chunks are not sent either.
+                    results.extend(batch.stopped_by for _ in prepared[start + batch_size:])
+                    break
+        errors = [result for result in results if isinstance(result, BaseException)]
+        if errors and not return_exceptions:
+            raise BulkPublishError(
+                f"{len(errors)} of {len(results)} call(s) of {self.name} were not published "
+                "(the others were): see .errors", results) from errors[0]
+        return results
+
+    def _prepare_one_of_many(self, index: int, call: Any, producer: Any,
+                             options: Mapping[str, Any]) -> BatchCall:
+        """Call ``index`` of `apply_many`, ready to send; errors say which call it was."""
+        try:
+            if isinstance(call, Signature):
+                if call.get("subtask_type") or call.task != self.name:
+                    raise TypeError(f"apply_many of {self.name} takes signatures of that task "
+                                    f"only, not {call!r}")
+                args, kwargs = call.args, call.kwargs
+                call_options = {**options, **call.options}
+            elif isinstance(call, (tuple, list)) and len(call) == 2 \
+                    and isinstance(call[0], (tuple, list)) and isinstance(call[1], Mapping):
+                args, kwargs = call
+                call_options = dict(options)
+            else:
+                raise TypeError(f"apply_many takes signatures of {self.name} or (args, kwargs) "
+                                f"pairs, not {call!r}")
+            special = {name: call_options.pop(name, None)
+                       for name in ("task_id", "link", "link_error", "shadow")}
+            return self._prepare_call(tuple(args), dict(kwargs), producer=producer,
+                                      options=call_options, **special)
+        except Exception as exc:
+            if hasattr(exc, "add_note"):  # Python >= 3.11
+                exc.add_note(f"in call {index} of {self.name}.apply_many: {call!r}")
+            raise
 
     def _handle_of(self, publication: Publication, target: KeyTarget, task_id: str) -> Any:
         """The caller's handle: Celery's own if published unprotected, else one that reads

@@ -12,6 +12,8 @@ from .base import (
     Entry,
     KeyStore,
     Reservation,
+    ReserveOutcome,
+    ReserveRequest,
     ReserveStatus,
     ResultPayload,
 )
@@ -27,6 +29,8 @@ __all__ = [
     "MemoryKeyStore",
     "RedisKeyStore",
     "Reservation",
+    "ReserveOutcome",
+    "ReserveRequest",
     "ReserveStatus",
     "ResultPayload",
     "open_store",

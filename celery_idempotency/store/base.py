@@ -24,7 +24,13 @@ import enum
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from ..exceptions import CorruptRecord, IdempotencyKeyMismatch, OwnershipLost
+from ..exceptions import (
+    CorruptRecord,
+    IdempotencyError,
+    IdempotencyKeyMismatch,
+    OwnershipLost,
+    StoreUnavailable,
+)
 from ..keys import RecordRef
 from ..records import F_FENCE, F_STATE, F_TASK_ID, F_UPDATED, Record, decode_record
 from .wakeups import PollingWatch, Watch
@@ -50,6 +56,24 @@ class Reservation:
     record: Record | None = None  # the existing record, for DUPLICATE and STALE
     # RESERVED over a reservation whose message never reached a worker in time
     replaced_task_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ReserveRequest:
+    """One `KeyStore.reserve` call of a batch (`KeyStore.reserve_many`): the same arguments."""
+
+    ref: RecordRef
+    task_id: str
+    fingerprint: str
+    task_name: str
+    ttl_ms: int
+    pending_ms: int = 600_000
+
+
+#: What `KeyStore.reserve_many` answers for one request: its reservation, or the error `reserve`
+#: would have raised for it (`IdempotencyKeyMismatch`, `CorruptRecord`, `StoreUnavailable` for
+#: a "not now" reply such as READONLY or OOM, `StoreMisconfigured`).
+ReserveOutcome = Reservation | IdempotencyError
 
 
 @dataclass(frozen=True)
@@ -110,6 +134,37 @@ class KeyStore(abc.ABC):
     @abc.abstractmethod
     def unreserve(self, ref: RecordRef, *, task_id: str) -> bool:
         """Undo `reserve` after a failed publish: delete only our own ``pending`` record."""
+
+    def reserve_many(self, requests: Sequence[ReserveRequest]) -> list[ReserveOutcome]:
+        """`reserve` for each request, in order, answered in one list (same length, same order).
+
+        Each reservation is atomic for its key, as `reserve` is; the batch is not a transaction
+        (a request later in the batch sees what an earlier one reserved: the same key twice
+        gives ``RESERVED`` then ``DUPLICATE``). What would make `reserve` raise for one request
+        (a key reused with other arguments, a corrupt record, an error reply) is that request's
+        answer, not the batch's; only when the store cannot be reached at all does this raise
+        `StoreUnavailable` (or `StoreMisconfigured`), and then any of the requests may or may
+        not have been reserved, as when the reply to one `reserve` is lost.
+
+        This default calls `reserve` once per request; stores override it to answer the whole
+        batch in one round trip."""
+        outcomes: list[ReserveOutcome] = []
+        for request in requests:
+            try:
+                outcomes.append(self.reserve(
+                    request.ref, task_id=request.task_id, fingerprint=request.fingerprint,
+                    task_name=request.task_name, ttl_ms=request.ttl_ms,
+                    pending_ms=request.pending_ms))
+            except StoreUnavailable:
+                raise  # the store as a whole, not this request
+            except IdempotencyError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def unreserve_many(self, reservations: Sequence[tuple[RecordRef, str]]) -> list[bool]:
+        """`unreserve` for each ``(ref, task_id)``: compare-and-delete of our own pending
+        records after a batch could not be sent. Stores override it to use one round trip."""
+        return [self.unreserve(ref, task_id=task_id) for ref, task_id in reservations]
 
     @abc.abstractmethod
     def claim(self, ref: RecordRef, *, task_id: str, owner: str, fingerprint: str,

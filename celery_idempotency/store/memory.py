@@ -47,6 +47,8 @@ from .base import (
     Entry,
     KeyStore,
     Reservation,
+    ReserveOutcome,
+    ReserveRequest,
     ReserveStatus,
     ResultPayload,
     make_entry,
@@ -83,7 +85,8 @@ class MemoryKeyStore(KeyStore):
         system clock), the memory store's equivalent of Redis ``TIME``."""
         self.prefix = prefix
         self._clock_us = clock_us or (lambda: time.time_ns() // 1000)
-        self._lock = threading.Lock()
+        # Reentrant: `reserve_many` holds it across a batch of `reserve` calls, which take it too.
+        self._lock = threading.RLock()
         # Waiters (`watch`) sleep on this; the writes the Lua scripts announce (``wake``)
         # notify. Versions of watched records only: [version, watches].
         self._changed = threading.Condition(self._lock)
@@ -180,6 +183,12 @@ class MemoryKeyStore(KeyStore):
                 **task_name_field(task_name, ref.scope)})
             self._expire(name, max(int(ttl_ms), int(pending_ms)), now)
             return Reservation(ReserveStatus.RESERVED)
+
+    def reserve_many(self, requests: Sequence[ReserveRequest]) -> list[ReserveOutcome]:
+        # The lock taken once for the whole batch (the memory store's "one round trip"). The
+        # contract does not promise that nothing runs in between (a Redis pipeline does not).
+        with self._lock:
+            return super().reserve_many(requests)
 
     def _discard_if(self, ref: RecordRef, conditions: Mapping[str, str]) -> bool:
         name = self.store_key(ref)

@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 import redis
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
-from redis.exceptions import RedisClusterException
+from redis.exceptions import NoScriptError, RedisClusterException
 
-from ..exceptions import CorruptRecord
+from ..exceptions import CorruptRecord, IdempotencyError
 from ..keys import RecordRef
 from ..records import (
     ALL_FIELDS,
@@ -39,6 +39,8 @@ from .base import (
     Entry,
     KeyStore,
     Reservation,
+    ReserveOutcome,
+    ReserveRequest,
     ReserveStatus,
     ResultPayload,
     foreign_entry,
@@ -168,6 +170,10 @@ class RedisKeyStore(KeyStore):
         reply = self._run("reserve", ref, script_args(
             "reserve", task_id=task_id, fingerprint=fingerprint, key=ref.key, scope=ref.scope,
             task_name=task_name, ttl_ms=ttl_ms, pending_ms=pending_ms))
+        return self._reservation(ref, reply)
+
+    def _reservation(self, ref: RecordRef, reply: Sequence[Any]) -> Reservation:
+        """reserve.lua's reply as a `Reservation` (`IdempotencyKeyMismatch` for 'mismatch')."""
         status = _text(reply[0])
         if status == "reserved":
             return Reservation(ReserveStatus.RESERVED,
@@ -176,6 +182,63 @@ class RedisKeyStore(KeyStore):
         if status == "mismatch":
             raise mismatch_error(ref, record)
         return Reservation(ReserveStatus(status), record)
+
+    def reserve_many(self, requests: Sequence[ReserveRequest]) -> list[ReserveOutcome]:
+        replies = self._run_many("reserve", [(request.ref, script_args(
+            "reserve", task_id=request.task_id, fingerprint=request.fingerprint,
+            key=request.ref.key, scope=request.ref.scope, task_name=request.task_name,
+            ttl_ms=request.ttl_ms, pending_ms=request.pending_ms)) for request in requests])
+        outcomes: list[ReserveOutcome] = []
+        for request, reply in zip(requests, replies, strict=True):
+            try:
+                if isinstance(reply, Exception):
+                    raise self._error(reply, request.ref) from reply
+                outcomes.append(self._reservation(request.ref, reply))
+            except IdempotencyError as exc:  # this request's answer, as reserve would raise it
+                outcomes.append(exc)
+        return outcomes
+
+    def unreserve_many(self, reservations: Sequence[tuple[RecordRef, str]]) -> list[bool]:
+        conditions = [(ref, [F_TASK_ID, task_id, F_STATE, KeyState.PENDING.value])
+                      for ref, task_id in reservations]
+        replies = self._run_many("discard", conditions)
+        for (ref, _), reply in zip(reservations, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise self._error(reply, ref) from reply
+        return [bool(reply) for reply in replies]
+
+    def _run_many(self, name: str, calls: Sequence[tuple[RecordRef, Sequence[Any]]]) -> list[Any]:
+        """Run script ``name`` once per ``(ref, args)`` in one pipelined round trip (not a
+        transaction: each script is atomic for its one key). Replies in order; an error reply
+        is its call's (an exception in its place), a failure to reach the store raises.
+
+        EVALSHA is sent as is: redis-py's own pipelined scripts would first ask SCRIPT EXISTS, a
+        second round trip per batch. Calls answered NOSCRIPT (the server lost its scripts: a
+        restart, SCRIPT FLUSH) did not run; they are sent once more after loading the script.
+        On a Cluster the pipeline splits the calls by node (each key is one hash tag) and
+        follows MOVED/ASK redirections."""
+        script = self._scripts[name]
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for index in todo:
+                ref, args = calls[index]
+                # execute_command, not pipe.evalsha: a Cluster pipeline refuses the latter by
+                # name, although it routes EVALSHA by its key like any keyed command.
+                pipe.execute_command("EVALSHA", script.sha, 1, self.store_key(ref), *args)
+            answers = self._call(None, pipe.execute, False) if todo else []
+            missing = []
+            for index, answer in zip(todo, answers, strict=True):
+                if attempt == 0 and isinstance(answer, NoScriptError):
+                    missing.append(index)
+                else:
+                    replies[index] = answer
+            if not missing:
+                break
+            self._call(None, self.client.script_load, script.script)
+            todo = missing
+        return replies
 
     def _discard_if(self, ref: RecordRef, conditions: Mapping[str, str]) -> bool:
         args = [item for pair in conditions.items() for item in pair]
