@@ -28,17 +28,18 @@ from .services import (
     rabbitmq_version,
 )
 
-SECTIONS = ("throughput", "work", "duplicates", "publish", "roundtrips", "memory", "latency")
+SECTIONS = ("throughput", "work", "duplicates", "publish", "roundtrips", "memory", "latency",
+            "steps")
 RESULTS = ROOT / "benchmarks" / "results"
 
 FULL = {"tasks": 3000, "rounds": 5, "warmup": 300, "work_tasks": 1000, "work_rounds": 3,
         "work_ms": 2.0, "dup_tasks": 3000, "dup_rounds": 3, "publish_calls": 2000,
         "publish_rounds": 5, "roundtrip_calls": 200, "memory_points": [100_000, 1_000_000],
-        "memory_sample": 2_000, "latency_iterations": 5_000}
+        "memory_sample": 2_000, "latency_iterations": 5_000, "step_iterations": 1_000}
 QUICK = {"tasks": 600, "rounds": 2, "warmup": 100, "work_tasks": 200, "work_rounds": 1,
          "work_ms": 2.0, "dup_tasks": 600, "dup_rounds": 1, "publish_calls": 500,
          "publish_rounds": 2, "roundtrip_calls": 50, "memory_points": [20_000],
-         "memory_sample": 500, "latency_iterations": 1_000}
+         "memory_sample": 500, "latency_iterations": 1_000, "step_iterations": 200}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -161,6 +162,10 @@ def _run_sections(stack: Any, sections: list[str], params: dict[str, Any], broke
     if "latency" in sections:
         out["latency"] = latency.worker_latency(stack, iterations=params["latency_iterations"],
                                                 log=log)
+    if "steps" in sections:
+        from . import steps
+
+        out["steps"] = steps.step_cost(stack, iterations=params["step_iterations"], log=log)
     if "memory" in sections:
         out["memory"] = memory.memory_per_record(checkpoints=params["memory_points"],
                                                  sample=params["memory_sample"], log=log)
