@@ -29,7 +29,7 @@ from .services import (
 )
 
 SECTIONS = ("throughput", "work", "duplicates", "publish", "bulk", "roundtrips", "memory",
-            "latency", "wakeups")
+            "latency", "wakeups", "steps")
 RESULTS = ROOT / "benchmarks" / "results"
 
 FULL = {"tasks": 3000, "rounds": 5, "warmup": 300, "work_tasks": 1000, "work_rounds": 3,
@@ -37,13 +37,13 @@ FULL = {"tasks": 3000, "rounds": 5, "warmup": 300, "work_tasks": 1000, "work_rou
         "publish_rounds": 5, "bulk_calls": 10_000, "bulk_rounds": 3, "roundtrip_calls": 200,
         "memory_points": [100_000, 1_000_000],
         "memory_sample": 2_000, "latency_iterations": 5_000, "wakeup_iterations": 300,
-        "wakeup_rounds": 10}
+        "wakeup_rounds": 10, "step_iterations": 1_000}
 QUICK = {"tasks": 600, "rounds": 2, "warmup": 100, "work_tasks": 200, "work_rounds": 1,
          "work_ms": 2.0, "dup_tasks": 600, "dup_rounds": 1, "publish_calls": 500,
          "publish_rounds": 2, "bulk_calls": 2_000, "bulk_rounds": 1, "roundtrip_calls": 50,
          "memory_points": [20_000],
          "memory_sample": 500, "latency_iterations": 1_000, "wakeup_iterations": 100,
-         "wakeup_rounds": 4}
+         "wakeup_rounds": 4, "step_iterations": 200}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -172,6 +172,10 @@ def _run_sections(stack: Any, sections: list[str], params: dict[str, Any], broke
     if "wakeups" in sections:
         out["wakeups"] = wakeups.wakeups(stack, iterations=params["wakeup_iterations"],
                                          rounds=params["wakeup_rounds"], log=log)
+    if "steps" in sections:
+        from . import steps
+
+        out["steps"] = steps.step_cost(stack, iterations=params["step_iterations"], log=log)
     if "memory" in sections:
         out["memory"] = memory.memory_per_record(checkpoints=params["memory_points"],
                                                  sample=params["memory_sample"], log=log)

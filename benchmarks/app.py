@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
 from celery.signals import task_postrun, worker_ready
 from celery_once import QueueOnce
 from celery_singleton import Singleton
@@ -88,32 +88,23 @@ def work(work_ms: float) -> None:
         time.sleep(work_ms / 1000)
 
 
-@app.task(name=PLAIN)
-def plain(run: str, item: int, work_ms: float = 0.0) -> dict[str, Any]:
-    work(work_ms)
-    record_effect(run, item)
-    return {"item": item, "ok": True}
+def bench_task(name: str, base: type[Task] | None) -> Any:
+    """The benchmark's one task body, registered as ``name`` on ``base`` (None: the app's plain
+    `celery.Task`): the four configurations differ in their base class and nothing else."""
+
+    @app.task(name=name, base=base)
+    def bench(run: str, item: int, work_ms: float = 0.0) -> dict[str, Any]:
+        work(work_ms)
+        record_effect(run, item)
+        return {"item": item, "ok": True}
+
+    return bench
 
 
-@app.task(name=IDEM, base=IdempotentTask)
-def idem(run: str, item: int, work_ms: float = 0.0) -> dict[str, Any]:
-    work(work_ms)
-    record_effect(run, item)
-    return {"item": item, "ok": True}
-
-
-@app.task(name=ONCE, base=QueueOnce)
-def once(run: str, item: int, work_ms: float = 0.0) -> dict[str, Any]:
-    work(work_ms)
-    record_effect(run, item)
-    return {"item": item, "ok": True}
-
-
-@app.task(name=SINGLETON, base=Singleton)
-def singleton(run: str, item: int, work_ms: float = 0.0) -> dict[str, Any]:
-    work(work_ms)
-    record_effect(run, item)
-    return {"item": item, "ok": True}
+plain = bench_task(PLAIN, None)
+idem = bench_task(IDEM, IdempotentTask)
+once = bench_task(ONCE, QueueOnce)
+singleton = bench_task(SINGLETON, Singleton)
 
 
 TASKS = {"plain": plain, "idempotent": idem, "celery-once": once, "celery-singleton": singleton}

@@ -234,9 +234,17 @@ def reject_unknown_names(names: Sequence[str], where: str) -> None:
 
 
 def resolve(app_conf: Mapping[str, Any], task_options: Mapping[str, Any],
-            *, task_name: str = "?") -> IdempotencyConfig:
-    """Build the config for one task: task option -> app setting -> default, validated."""
+            *, task_name: str = "?", namespace: str | None = None) -> IdempotencyConfig:
+    """Build the config for one task: task option -> app setting -> default, validated.
+
+    ``namespace`` is the app's ``config_from_object(..., namespace=...)`` (``app.namespace``):
+    Celery then reads ``CELERY_IDEMPOTENCY_TTL`` as ``idempotency_ttl``, so a misspelt
+    ``CELERY_IDEMPOTENCY_*`` name is checked like a misspelt ``idempotency_*`` one."""
     app_names = [name for name in app_conf if isinstance(name, str) and name.startswith(PREFIX)]
+    if namespace:
+        spelled = f"{namespace}_{PREFIX}".upper()
+        app_names += [name[len(namespace) + 1:].lower() for name in app_conf
+                      if isinstance(name, str) and name.upper().startswith(spelled)]
     reject_unknown_names(app_names, "app setting(s)")
     reject_unknown_names(list(task_options), f"option(s) of task {task_name!r}")
     values: dict[str, Any] = {}

@@ -99,6 +99,22 @@ class OwnershipLost(IdempotencyError):
     """A worker tried to write a key it no longer owns (its lease expired and was taken over)."""
 
 
+class InvalidStep(IdempotencyError, ValueError):
+    """A recovery point (`IdempotentTask.step`) was misused: a name that is not acceptable, or
+    a name that already ran in this run of the task (each step needs its own name)."""
+
+
+class StepValueNotStored(IdempotencyError):
+    """A step ran, but its return value cannot be recorded (not serializable with the task's
+    ``idempotency_result_serializer``, or over ``idempotency_max_result_bytes``). Nothing was
+    recorded: the next attempt runs the step again."""
+
+
+class LeaseExpired(OwnershipLost):
+    """The claim's lease ran out before a step could start (the lease keeper could not renew it
+    in time); nobody took the key over yet, but anyone may at any moment."""
+
+
 class ResultNotStored(IdempotencyError):
     """The task succeeded, but its result could not be cached (not serializable or too large)."""
 

@@ -16,6 +16,10 @@ One task, from publish to replay:
   (`_end_without_outcome`).
 - **Abandon** (`abandon`): the worker's main process gives up the claim of a task whose
   process died or that was revoked.
+- **Steps** (`Execution.steps`, `celery_idempotency.steps`): recovery points inside the task,
+  recorded under the claim; a run that finds it lost the claim at a step writes nothing more
+  (`_get_function_response`), one that cannot reach the store at a step comes back later
+  (`_step_store_problem`).
 
 `celery_idempotency.task.IdempotentTask` and `celery_idempotency.worker.IdempotentRequest`
 translate Celery's hooks and exceptions to these steps (`Execution`'s hook methods); this module
@@ -35,6 +39,7 @@ from .config import IdempotencyConfig
 from .exceptions import (
     CorruptRecord,
     IdempotencyError,
+    LeaseExpired,
     OwnershipLost,
     ResultNotStored,
     StoreMisconfigured,
@@ -43,6 +48,7 @@ from .exceptions import (
 from .keys import RecordRef
 from .leases import lease_keeper, new_owner_token
 from .outcomes import decode_result, encode_error, encode_result, rebuild_error
+from .steps import StepClaim, Steps
 from .store import Claim, ClaimStatus, KeyStore, Reservation, ReserveStatus
 
 logger = logging.getLogger("celery_idempotency")
@@ -223,6 +229,10 @@ class Execution:
         self.lease_ms = lease_ms
         self.store_attempt = store_attempt  # how often the store could not be used so far
         self.busy_attempt = busy_attempt  # how often a live owner held the key so far
+        #: The steps of this run: recorded once the key is claimed (`_run_claimed`); until
+        #: then (run unprotected under fail_open) a step just calls its function.
+        self.steps = Steps.unclaimed(ref=self.ref, task_name=task_name, task_id=task_id,
+                                     sender=sender)
 
     def execute(self) -> Any:
         """Claim the key, then run the task, replay its outcome, or come back later."""
@@ -369,6 +379,12 @@ class Execution:
                         task_id=self.task_id, fence=claim.fence,
                         took_over=claim.status is ClaimStatus.TAKEN_OVER)
         self.claimed(claim.fence)
+        self.steps = Steps(ref=ref, config=self.config, task_name=self.task_name,
+                           task_id=self.task_id, sender=self.sender,
+                           claim=StepClaim(store, owner, claim.fence, self.lease_ms),
+                           accept=self.accept_for(self.config.result_serializer),
+                           on_store_unavailable=self._step_store_problem,
+                           on_lease_expired=self._step_lease_expired)
         held = lease_keeper.hold(store, ref, owner, self.lease_ms)
         try:
             return self._get_function_response(store, owner)
@@ -381,8 +397,11 @@ class Execution:
         try:
             result = self.run_task()
         except BaseException as exc:
-            self._end_with(exc, store, owner)
+            if not self._lost_at_a_step():
+                self._end_with(exc, store, owner)
             raise
+        if self._lost_at_a_step():
+            return result
         payload = encode_result(self.storable(result), serializer=config.result_serializer,
                                 max_bytes=config.max_result_bytes, key=ref.key,
                                 task_id=self.task_id)
@@ -390,6 +409,37 @@ class Execution:
                     lambda: store.complete(ref, owner=owner, result=payload, ttl_ms=config.ttl_ms),
                     config.store_write_timeout)
         return result
+
+    def _lost_at_a_step(self) -> bool:
+        """Whether a step found that another worker took the key over. Then this run writes
+        nothing (no outcome, no release): the key is the new owner's, and whatever this run
+        ends with (`OwnershipLost`, unless the task caught it) is only its own task id's."""
+        lost = self.steps.ownership_lost
+        if lost is not None:
+            logger.warning("%s[%s] key=%r: lost the claim at a step; no outcome recorded, the "
+                           "key is left to its new owner", self.task_name, self.task_id,
+                           self.ref.key)
+        return lost is not None
+
+    def _step_store_problem(self, exc: StoreUnavailable, step: str) -> BaseException:
+        """A step cannot reach the store: it neither runs unprotected (fail_open or not: the
+        steps before it were recorded, it may have been too) nor is the message lost. The
+        message comes back later, with the claim's backoff; the exception returned ends this
+        run like a retry (the key goes back to pending for it, once the store answers)."""
+        attempt = self.store_attempt
+        delay = min(0.5 * 2 ** attempt, self.config.store_retry_max_delay)
+        logger.warning("idempotency store unreachable at step %r of %s[%s] key=%r; tried "
+                       "again in %.1f s: %s", step, self.task_name, self.task_id, self.ref.key,
+                       delay, exc)
+        return self.republish_later(delay, {STORE_ATTEMPT_HEADER: attempt + 1})
+
+    def _step_lease_expired(self, exc: LeaseExpired, step: str) -> BaseException:
+        """The claim's lease ran out before a step (the lease keeper could not renew it in
+        time) and nobody took the key over yet. The step does not start: the message comes
+        back at once, and the run ends like a retry (the key goes back to pending for it), so
+        that the next run continues from the steps recorded so far. Should another worker take
+        the key over first, the release is refused and the message waits for its outcome."""
+        return self.republish_later(0.0, {})
 
     def _end_with(self, exc: BaseException, store: KeyStore, owner: str) -> None:
         """Record the task's error, or give the claim up when the error is not an outcome."""

@@ -35,6 +35,11 @@ F_RETRYABLE = "ry"  # "1": a failed key runs again on the next publish
 F_PENDING_DEADLINE = "pd"  # pending only: unclaimed by then, the message is taken as lost
 F_CREATED = "c"
 F_UPDATED = "u"
+# Recovery points (`IdempotentTask.step`): one field per recorded step, named this prefix and the
+# step's name, in the record's own hash, so that a step lives and expires with its record and
+# shares its hash slot on a Cluster. No record field above starts with it. Step fields are
+# dropped when the key's outcome is final (succeeded, or failed and not retryable).
+F_STEP_PREFIX = "sp:"
 ALL_FIELDS = (F_KEY, F_SCOPE, F_TASK_NAME, F_STATE, F_TASK_ID, F_FINGERPRINT, F_OWNER, F_LEASE,
               F_FENCE, F_RESULT, F_CONTENT_TYPE, F_CONTENT_ENCODING, F_RESULT_STATUS, F_ERROR,
               F_RETRYABLE, F_CREATED, F_UPDATED, F_PENDING_DEADLINE)
@@ -89,6 +94,8 @@ class Record:
     created_ms: int
     updated_ms: int
     pending_deadline_ms: int | None = None
+    #: Names of the recorded steps, sorted (values are not decoded here: see `steps`).
+    steps: tuple[str, ...] = ()
 
     def lease_expired(self, now_ms: int) -> bool:
         return self.state is KeyState.STARTED and (self.lease_expires_ms or 0) <= now_ms
@@ -106,6 +113,45 @@ def result_meta_fields(content_type: str, content_encoding: str,
     if result_status != DEFAULT_RESULT_STATUS:
         fields[F_RESULT_STATUS] = result_status
     return fields
+
+
+def step_field(name: str) -> str:
+    """The record field holding the value of step ``name``."""
+    return F_STEP_PREFIX + name
+
+
+def is_step_field(field: str) -> bool:
+    return field.startswith(F_STEP_PREFIX)
+
+
+def without_steps(fields: Mapping[str, bytes]) -> dict[str, bytes]:
+    """The record's own fields (what a store's reply carries: never the steps' values)."""
+    return {name: value for name, value in fields.items() if not is_step_field(name)}
+
+
+def encode_step_value(data: bytes, content_type: str, content_encoding: str) -> bytes:
+    """A step's serialized value as its field holds it: ``<content type> NUL <encoding> NUL
+    <data>``, the content type and encoding empty when they are the default (JSON, UTF-8)."""
+    return b"\0".join((
+        b"" if content_type == JSON_CONTENT_TYPE else content_type.encode("utf-8"),
+        b"" if content_encoding == JSON_ENCODING else content_encoding.encode("utf-8"),
+        data))
+
+
+def decode_step_value(raw: bytes, *, store_key: str, name: str,
+                      key: str | None = None) -> tuple[bytes, str, str]:
+    """``(data, content type, encoding)`` of a step's field. Raises `CorruptRecord` naming the
+    record and the step (its ``key``: ``key`` if given, else the record's store key)."""
+    parts = raw.split(b"\0", 2)
+    try:
+        if len(parts) != 3:
+            raise ValueError("no content type")
+        content_type = parts[0].decode("utf-8") or JSON_CONTENT_TYPE
+        content_encoding = parts[1].decode("utf-8") or JSON_ENCODING
+    except ValueError as exc:  # UnicodeDecodeError is one
+        raise CorruptRecord(f"record {store_key!r} holds an undecodable value of step "
+                            f"{name!r} ({exc})", key=key or store_key) from exc
+    return parts[2], content_type, content_encoding
 
 
 def task_name_field(task_name: str, scope: str) -> dict[str, str]:
@@ -188,6 +234,8 @@ def decode_record(store_key: str, fields: Mapping[str, bytes]) -> Record | None:
         updated_ms=_int(fields, F_UPDATED, store_key, 0),
         pending_deadline_ms=(_int(fields, F_PENDING_DEADLINE, store_key)
                              if F_PENDING_DEADLINE in fields else None),
+        steps=tuple(sorted(name[len(F_STEP_PREFIX):] for name in fields
+                           if is_step_field(name))),
     )
 
 

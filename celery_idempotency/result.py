@@ -279,7 +279,8 @@ def lookup(app: Any, store: KeyStore, ref: RecordRef, *, serializer: str,
 def result_for_key(app: Any, key: str, *, scope: str) -> IdempotentResult | None:
     """Rebuild the handle for ``key`` under ``scope`` (a task name by default), from the store
     named by ``app.conf.idempotency_store_url``. ``None`` when the key is unknown or expired."""
-    config = resolve(app.conf, {}, task_name=scope)
+    config = resolve(app.conf, {}, task_name=scope,
+                     namespace=getattr(app, "namespace", None))
     store = store_for_app(app, config.store_url, prefix=config.key_prefix,
                           timeout=config.store_timeout)
     # The default scope is a task name: that task's idempotency_cache_errors then say which

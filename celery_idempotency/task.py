@@ -11,9 +11,11 @@ signature.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Any
 
@@ -61,6 +63,7 @@ from .protocol import (
     publish,
 )
 from .result import IdempotentResult, accept_for, lookup
+from .steps import Steps
 from .store import KeyStore, store_for_app
 from .worker import IdempotentRequest
 
@@ -75,6 +78,20 @@ _CANVAS_OPTIONS = ("link", "link_error", "chain", "chord", "group_id")
 _OUR_HEADERS = (KEY_HEADER, FINGERPRINT_HEADER, STORE_ATTEMPT_HEADER, BUSY_ATTEMPT_HEADER,
                 *(PREFIX + name for name in PER_MESSAGE))
 _UNSET: Any = object()
+
+# The steps of the task run in progress in this thread (or greenlet), with its task: set
+# around the task body, so that `IdempotentTask.step` finds its own run's, never another's.
+_current_steps: ContextVar[tuple[Any, Steps] | None] = ContextVar(
+    "celery_idempotency_steps", default=None)
+
+
+@contextlib.contextmanager
+def _steps_of_run(task: Any, steps: Steps) -> Iterator[None]:
+    token = _current_steps.set((task, steps))
+    try:
+        yield
+    finally:
+        _current_steps.reset(token)
 
 
 def _message_options(source: Mapping[str, Any]) -> dict[str, Any]:
@@ -127,7 +144,8 @@ class IdempotentTask(Task):  # type: ignore[misc]
         """This task's resolved settings (app setting, overridden by task options)."""
         cached: IdempotencyConfig | None = type(self).__dict__.get("_idem_config")
         if cached is None:
-            cached = resolve(self.app.conf, task_options_of(type(self)), task_name=self.name)
+            cached = resolve(self.app.conf, task_options_of(type(self)), task_name=self.name,
+                             namespace=getattr(self.app, "namespace", None))
             if type(self).__module__ == _CELERY_BUILTINS:
                 # With task_cls=IdempotentTask, Celery's own tasks (celery.backend_cleanup,
                 # celery.chord_unlock, ...) get this class too. They are plumbing, not side
@@ -209,6 +227,32 @@ class IdempotentTask(Task):  # type: ignore[misc]
         return lookup(self.app, self.idem_store(config), ref,
                       serializer=config.result_serializer, task_name=self.name,
                       replayable=config.cache_errors)
+
+    # -- steps (recovery points) ----------------------------------------------------------------
+
+    def step(self, name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` as the recovery point ``name`` of this run, recording
+        its return value under the task's key; when the key already recorded ``name`` (an
+        earlier attempt got that far), return the recorded value without calling ``fn``.
+
+        Each step first checks that this run still holds the key (renewing its lease) and
+        raises `OwnershipLost` if another worker took it over. A step whose ``fn`` raises
+        records nothing. Outside a claimed run (called directly, idempotency disabled, run
+        unprotected under fail_open) it just calls ``fn``. See `celery_idempotency.steps`."""
+        return self._current_steps().run(name, fn, args, kwargs)
+
+    def step_key(self, name: str) -> str:
+        """A stable idempotency key for what step ``name`` sends to another API (Stripe's
+        ``Idempotency-Key``, ...): the same on every attempt of this task's key, different for
+        every other scope, key and step name. A UUID string (36 characters)."""
+        return self._current_steps().key(name)
+
+    def _current_steps(self) -> Steps:
+        current = _current_steps.get()
+        if current is not None and current[0] is self:
+            return current[1]
+        # Not inside this task's run (e.g. called from outside a task): no claim, no key.
+        return Steps.unclaimed(ref=None, task_name=self.name, task_id=None, sender=self)
 
     # -- publish -------------------------------------------------------------------------------
 
@@ -390,13 +434,19 @@ class IdempotentTask(Task):  # type: ignore[misc]
         request = self.request
         # None unless this execution holds the key (set once claimed).
         request.idempotency_fence = None
-        if request.called_directly or not self.idem_config().enabled:
-            return super().__call__(*args, **kwargs)
         # Custom headers are request attributes on a worker, and only in request.headers when
         # run eagerly by apply().
         headers = {**(request.headers or {}),
                    **{name: value for name in _OUR_HEADERS
                       if (value := getattr(request, name, None)) is not None}}
+        if request.called_directly or not self.idem_config().enabled:
+            # No claim: steps just run; step_key() uses the message's key, else derives it
+            # from the arguments (only if asked: a direct call needs no key).
+            steps = Steps.unclaimed(
+                ref=lambda: self.key_target_of_message(args, kwargs, headers).ref,
+                task_name=self.name, task_id=request.id, sender=self)
+            with _steps_of_run(self, steps):
+                return super().__call__(*args, **kwargs)
         target = self.key_target_of_message(args, kwargs, headers)
         return _CeleryExecution(self, target, args, kwargs,
                                 store_attempt=int(headers.get(STORE_ATTEMPT_HEADER) or 0),
@@ -443,7 +493,8 @@ class _CeleryExecution(Execution):
         return self.task.idem_store(config)
 
     def run_task(self) -> Any:
-        return super(IdempotentTask, self.task).__call__(*self.args, **self.kwargs)
+        with _steps_of_run(self.task, self.steps):
+            return super(IdempotentTask, self.task).__call__(*self.args, **self.kwargs)
 
     def claimed(self, fence: int) -> None:
         self.task.request.idempotency_fence = fence

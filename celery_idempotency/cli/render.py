@@ -165,6 +165,8 @@ def details(entry: Entry, now_ms: int) -> dict[str, Any]:
         "result": result,
         "result_note": note,
         "error": dict(record.error) if record.error is not None else None,
+        # Names of the recorded recovery points (IdempotentTask.step), not their values.
+        "steps": list(record.steps),
     })
     return document
 
@@ -213,6 +215,8 @@ def show_text(entry: Entry, now_ms: int) -> str:
                                f"{shown(str(error.get('message', '')))}"))
         lines.append(("retryable", "yes (the next publish runs the task again)"
                       if record.retryable else "no (replayed to every duplicate)"))
+    if record.steps:  # recovery points recorded by a run that may go on (IdempotentTask.step)
+        lines.append(("steps", ", ".join(shown(step) for step in record.steps)))
     lines.append(("store key", shown(record.store_key)))
     return safe_text("\n".join(f"{label + ':':<13}{value}" for label, value in lines))
 

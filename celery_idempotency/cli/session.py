@@ -118,7 +118,8 @@ class Session:
         overrides = {name: value for name, value in (("idempotency_store_url", url),
                                                      ("idempotency_key_prefix", prefix))
                      if value is not None}
-        config = resolve(app.conf, overrides, task_name="(command line)")
+        config = resolve(app.conf, overrides, task_name="(command line)",
+                         namespace=getattr(app, "namespace", None))
         return cls(config.store_url, config.key_prefix, lambda: store_for_app(
             app, config.store_url, prefix=config.key_prefix, timeout=config.store_timeout),
                    owns_store=False)

@@ -11,6 +11,10 @@ Invariants every transition keeps (``tests/store/test_state_machine.py``):
 * a ``pending`` record has a deadline (``pending_deadline_ms``) and lives at least until then;
 * ``succeeded`` and ``failed`` records live ``ttl_ms``; so no record is left without a way out;
 * every write but ``reserve``/``claim`` is owner-checked: a non-owner's write changes nothing;
+* recorded steps (`begin_step`/`save_step`) are fields of the record: they live and expire
+  with it, survive every transition after which the key can run again (a retryable failure,
+  requeue, abandon, take-over, a new reservation) and go with a final outcome (``complete``,
+  a ``fail`` that is not retryable) or with the record (``discard``, deletion);
 * a claim's fence is above every fence handed out for the key before, also after the record
   was deleted, expired or evicted: ``max(last fence + 1, store clock in µs)``. Across a
   deletion this relies on the store's clock not stepping back by more than the time between
@@ -28,11 +32,12 @@ from ..exceptions import (
     CorruptRecord,
     IdempotencyError,
     IdempotencyKeyMismatch,
+    LeaseExpired,
     OwnershipLost,
     StoreUnavailable,
 )
 from ..keys import RecordRef
-from ..records import F_FENCE, F_STATE, F_TASK_ID, F_UPDATED, Record, decode_record
+from ..records import F_FENCE, F_STATE, F_TASK_ID, F_UPDATED, KeyState, Record, decode_record
 from .wakeups import PollingWatch, Watch
 
 
@@ -212,6 +217,23 @@ class KeyStore(abc.ABC):
         TTL ``ttl_ms``, since no message will run it."""
 
     @abc.abstractmethod
+    def begin_step(self, ref: RecordRef, *, owner: str, fence: int, name: str,
+                   lease_ms: int) -> bytes | None:
+        """Before step ``name`` runs (`IdempotentTask.step`): check that ``owner`` still holds
+        the key under ``fence`` with a live lease, renew the lease to ``lease_ms`` from now (the
+        record's TTL to at least that), and return the step's recorded field (None: not
+        recorded). One round trip. Raises `OwnershipLost`; `LeaseExpired` (a subclass) when
+        the claim is still ``owner``'s but its lease ran out: another worker may take the key
+        over at any moment, so no step starts."""
+
+    @abc.abstractmethod
+    def save_step(self, ref: RecordRef, *, owner: str, fence: int, name: str,
+                  value: bytes) -> None:
+        """Record step ``name``'s field ``value`` if ``owner`` still holds the key under
+        ``fence``. The lease is not checked: the step did run, and as long as nobody took the
+        key over, its value is the truth. Raises `OwnershipLost`."""
+
+    @abc.abstractmethod
     def delete_if_unchanged(self, record: Record) -> bool:
         """Operators: delete the record only if it is still exactly as ``record`` shows it
         (same state, update time and fence), so a key that moved on meanwhile is left alone."""
@@ -278,6 +300,20 @@ def ownership_lost_error(ref: RecordRef, owner: str, record: Record | None,
         now = f"it is {record.state.value}, owned by task {record.task_id}"
     return OwnershipLost(f"cannot {action}: this worker (owner {owner}) lost the claim; {now}",
                          key=ref.key, task_id=record.task_id if record else None)
+
+
+def step_ownership_lost_error(ref: RecordRef, owner: str, fence: int, record: Record | None,
+                              step: str, *, saving: bool = False) -> OwnershipLost:
+    """`OwnershipLost` for a step refused by `KeyStore.begin_step` or (``saving``)
+    `KeyStore.save_step`."""
+    action = f"{'record' if saving else 'run'} step {step!r}"
+    if (record is not None and record.owner == owner and record.fence == fence
+            and record.state is KeyState.STARTED):
+        return LeaseExpired(
+            f"cannot {action}: the lease of this worker (owner {owner}) expired before the "
+            "step (the lease keeper could not renew it in time); another worker may take the "
+            "key over at any moment", key=ref.key, task_id=record.task_id)
+    return ownership_lost_error(ref, owner, record, action)
 
 
 def unchanged_conditions(record: Record) -> dict[str, str]:

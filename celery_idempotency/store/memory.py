@@ -38,8 +38,11 @@ from ..records import (
     KeyState,
     Record,
     decode_record,
+    is_step_field,
     result_meta_fields,
+    step_field,
     task_name_field,
+    without_steps,
 )
 from .base import (
     Claim,
@@ -54,6 +57,7 @@ from .base import (
     make_entry,
     mismatch_error,
     ownership_lost_error,
+    step_ownership_lost_error,
     unchanged_conditions,
 )
 from .wakeups import ChangeWatch, Watch
@@ -144,6 +148,10 @@ class MemoryKeyStore(KeyStore):
     def _decode(self, name: str, fields: Fields | None) -> Record | None:
         return decode_record(name, dict(fields)) if fields else None
 
+    def _reply(self, name: str, fields: Fields | None) -> Record | None:
+        """The record as a script's reply carries it: without the steps (see `reply`)."""
+        return decode_record(name, without_steps(fields)) if fields else None
+
     @staticmethod
     def _lease_alive(fields: Fields, now: int) -> bool:
         return int(fields.get(F_LEASE, b"0")) > now
@@ -155,8 +163,9 @@ class MemoryKeyStore(KeyStore):
             now = self.now_ms()
             fields = self._live(name, now)
             fence = b"0"
+            steps: Fields = {}
             if fields is not None:
-                record = self._decode(name, fields)
+                record = self._reply(name, fields)
                 if fields.get(F_FINGERPRINT) != _field(fingerprint):
                     raise mismatch_error(ref, record)
                 state = fields[F_STATE]
@@ -175,8 +184,12 @@ class MemoryKeyStore(KeyStore):
                 if not (state == FAILED and fields.get(F_RETRYABLE) == b"1"):
                     return Reservation(ReserveStatus.DUPLICATE, record)
                 fence = fields.get(F_FENCE, b"0")
+                # The recorded steps stay: the new run continues where the failed one stopped.
+                steps = {field: value for field, value in fields.items()
+                         if is_step_field(field)}
                 self._delete(name)
             self._records[name] = _fields({
+                **steps,
                 F_KEY: ref.key, F_SCOPE: ref.scope, F_STATE: PENDING, F_TASK_ID: task_id,
                 F_FINGERPRINT: fingerprint, F_FENCE: fence, F_CREATED: now, F_UPDATED: now,
                 F_PENDING_DEADLINE: now + int(pending_ms),
@@ -262,7 +275,7 @@ class MemoryKeyStore(KeyStore):
                                   F_CREATED: now, **task_name_field(task_name, ref.scope)})
                 self._records[name] = fields
                 return take(ClaimStatus.CLAIMED, fields)
-            record = self._decode(name, fields)
+            record = self._reply(name, fields)
             if fields.get(F_FINGERPRINT) != _field(fingerprint):
                 raise mismatch_error(ref, record)
             state = fields[F_STATE]
@@ -285,7 +298,7 @@ class MemoryKeyStore(KeyStore):
             return Claim(ClaimStatus.FAILED, record=record)
 
     def _finish(self, ref: RecordRef, owner: str, final: bytes, updates: Fields,
-                ttl_ms: int, action: str) -> None:
+                ttl_ms: int, action: str, *, keep_steps: bool) -> None:
         name = self.store_key(ref)
         with self._lock:
             now = self.now_ms()
@@ -297,20 +310,23 @@ class MemoryKeyStore(KeyStore):
                     fields.pop(F_LEASE, None)
                     fields.update(updates)
                     fields.update(_fields({F_STATE: final, F_UPDATED: now}))
+                    if not keep_steps:  # a final outcome: its steps are not needed again
+                        for field in [field for field in fields if is_step_field(field)]:
+                            del fields[field]
                     self._expire(name, ttl_ms, now)
                     self._wake(name)
                     return
-            raise ownership_lost_error(ref, owner, self._decode(name, fields), action)
+            raise ownership_lost_error(ref, owner, self._reply(name, fields), action)
 
     def complete(self, ref: RecordRef, *, owner: str, result: ResultPayload, ttl_ms: int) -> None:
         updates = _fields({F_RESULT: result.data, **result_meta_fields(
             result.content_type, result.content_encoding, result.status)})
-        self._finish(ref, owner, SUCCEEDED, updates, ttl_ms, "complete")
+        self._finish(ref, owner, SUCCEEDED, updates, ttl_ms, "complete", keep_steps=False)
 
     def fail(self, ref: RecordRef, *, owner: str, error: str, retryable: bool,
              ttl_ms: int) -> None:
         updates = _fields({F_ERROR: error, F_RETRYABLE: b"1" if retryable else b"0"})
-        self._finish(ref, owner, FAILED, updates, ttl_ms, "fail")
+        self._finish(ref, owner, FAILED, updates, ttl_ms, "fail", keep_steps=retryable)
 
     def requeue(self, ref: RecordRef, *, owner: str, pending_ms: int,
                 ttl_ms: int | None = None) -> bool:
@@ -345,6 +361,37 @@ class MemoryKeyStore(KeyStore):
             self._expire_at_least(name, lease_ms, now)
             return True
 
+    def _step_holder(self, name: str, owner: str, fence: int,
+                     now: int) -> tuple[Fields | None, bool]:
+        """The live record and whether ``owner`` holds it under ``fence`` (started)."""
+        fields = self._live(name, now)
+        held = (fields is not None and fields.get(F_OWNER) == _field(owner)
+                and fields.get(F_STATE) == STARTED and fields.get(F_FENCE) == _field(fence))
+        return fields, held
+
+    def begin_step(self, ref: RecordRef, *, owner: str, fence: int, name: str,
+                   lease_ms: int) -> bytes | None:
+        key = self.store_key(ref)
+        with self._lock:
+            now = self.now_ms()
+            fields, held = self._step_holder(key, owner, fence, now)
+            if fields is None or not held or not self._lease_alive(fields, now):
+                raise step_ownership_lost_error(ref, owner, fence, self._reply(key, fields),
+                                                name)
+            fields[F_LEASE] = _field(now + int(lease_ms))
+            self._expire_at_least(key, lease_ms, now)
+            return fields.get(step_field(name))
+
+    def save_step(self, ref: RecordRef, *, owner: str, fence: int, name: str,
+                  value: bytes) -> None:
+        key = self.store_key(ref)
+        with self._lock:
+            fields, held = self._step_holder(key, owner, fence, self.now_ms())
+            if fields is None or not held:
+                raise step_ownership_lost_error(ref, owner, fence, self._reply(key, fields),
+                                                name, saving=True)
+            fields[step_field(name)] = bytes(value)
+
     def get(self, ref: RecordRef) -> Record | None:
         name = self.store_key(ref)
         with self._lock:
@@ -360,7 +407,8 @@ class MemoryKeyStore(KeyStore):
             snapshot = [(name, dict(fields), self._ttl(name, now)) for name in list(self._records)
                         if (fields := self._live(name, now)) is not None]
         for name, fields, ttl in snapshot:
-            if not with_result:
+            if not with_result:  # as Redis lists them: the record's own fields but the result
+                fields = without_steps(fields)
                 fields.pop(F_RESULT, None)
             entry = make_entry(name, fields, ttl)
             if entry is not None:

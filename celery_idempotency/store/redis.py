@@ -2,7 +2,8 @@
 ``register_script``, which reloads the script after a NOSCRIPT, e.g. after a Redis restart).
 
 Each script touches exactly one key, whose whole name is a hash tag, so it works unchanged on
-Redis Cluster. Replies carry the status and the record in one round trip.
+Redis Cluster (a task's recorded steps are fields of that same hash). Replies carry the
+status and the record in one round trip.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..records import (
     decode_record,
     fields_from_flat,
     result_meta_fields,
+    step_field,
 )
 from .base import (
     Claim,
@@ -47,6 +49,7 @@ from .base import (
     make_entry,
     mismatch_error,
     ownership_lost_error,
+    step_ownership_lost_error,
     unchanged_conditions,
 )
 from .connect import redis_client
@@ -66,6 +69,8 @@ SCRIPT_ARGS: dict[str, tuple[str, ...]] = {
     "requeue": ("owner", "ttl_ms", "pending_ms"),
     "renew": ("owner", "lease_ms"),
     "abandon": ("task_id", "owner_prefix", "to_state", "error", "ttl_ms", "pending_ms"),
+    "begin_step": ("owner", "fence", "field", "lease_ms"),
+    "save_step": ("owner", "fence", "field", "value"),
 }
 _SCRIPTS = (*SCRIPT_ARGS, "discard")
 # Every failure of a call to Redis; store/errors.py says what each one means.
@@ -299,6 +304,24 @@ class RedisKeyStore(KeyStore):
         return bool(self._run("abandon", ref, script_args(
             "abandon", task_id=task_id, owner_prefix=owner_prefix, to_state=to_state.value,
             error=error, ttl_ms=ttl_ms, pending_ms=pending_ms)))
+
+    def begin_step(self, ref: RecordRef, *, owner: str, fence: int, name: str,
+                   lease_ms: int) -> bytes | None:
+        reply = self._run("begin_step", ref, script_args(
+            "begin_step", owner=owner, fence=str(fence), field=step_field(name),
+            lease_ms=lease_ms))
+        if _text(reply[0]) != "ok":
+            raise step_ownership_lost_error(ref, owner, fence, self._record(ref, reply[1:]), name)
+        value = reply[1] if len(reply) > 1 else None
+        return value if value is None or isinstance(value, bytes) else _text(value).encode()
+
+    def save_step(self, ref: RecordRef, *, owner: str, fence: int, name: str,
+                  value: bytes) -> None:
+        reply = self._run("save_step", ref, script_args(
+            "save_step", owner=owner, fence=str(fence), field=step_field(name), value=value))
+        if _text(reply[0]) != "ok":
+            raise step_ownership_lost_error(ref, owner, fence, self._record(ref, reply[1:]), name,
+                                            saving=True)
 
     def delete_if_unchanged(self, record: Record) -> bool:
         return self._discard_if(RecordRef(record.scope, record.key), unchanged_conditions(record))

@@ -1,4 +1,5 @@
-"""The Celery app of the chaos suite: one idempotent task that records every execution.
+"""The Celery app of the chaos suite: one idempotent task of three recovery points (steps)
+that records every execution and every call of a step's function.
 
 Configured from the environment, so that the test process, the second publisher process and
 every worker agree: CHAOS_BROKER_URL, CHAOS_STORE_URL, CHAOS_EFFECTS_URL (a Redis db that is
@@ -14,8 +15,20 @@ What a run records in the effects db, per key ``K``:
                 ``IdempotentTask.__call__`` returned, i.e. after its completion write to the
                 key store was made (or refused, which then shows up as a second execution
                 that no kill explains);
+- ``ended:K``   one JSON entry (execution id, wall-clock time, exception class) per execution
+                that ended with an exception instead: a step that found the store unreachable
+                ends it like a retry (``Retry``), and the message comes back later;
 - ``running``   pid -> execution id while a body runs (the chaos controller kills busy pool
-                children and busy workers with it).
+                children and busy workers with it);
+- ``steps:K``   one JSON entry per call of a step's function (``self.step`` did not find the
+                step recorded): step name, step-run id, execution id, pid, process group,
+                wall-clock start;
+- ``stepends:K``  the step-run id once that function's work is done (it returns next, and the
+                library records its value);
+- ``stepdone:K``  one JSON entry (execution id, step, the step-run id whose value came back)
+                each time ``self.step`` returned in an execution: by then the step's value was
+                recorded (or it was replayed from its record), so a step run listed here must
+                never run again.
 """
 
 from __future__ import annotations
@@ -106,20 +119,49 @@ class ChaosTask(IdempotentTask):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         _current.execution = None
-        result = super().__call__(*args, **kwargs)
+        try:
+            result = super().__call__(*args, **kwargs)
+        except BaseException as exc:
+            # A step that could not reach the store ends the execution without an outcome
+            # (the message comes back later, like a retry): say how it ended.
+            self._mark("ended", type(exc).__name__)
+            raise
+        self._mark("done", None)
+        return result
+
+    @staticmethod
+    def _mark(what: str, error: str | None) -> None:
         execution, _current.execution = _current.execution, None
         if execution is not None:
             key, exec_id = execution
             pipe = effects().pipeline(transaction=True)
-            pipe.rpush(f"done:{key}", json.dumps({"exec": exec_id, "t": time.time()}))
+            pipe.rpush(f"{what}:{key}", json.dumps({"exec": exec_id, "t": time.time(),
+                                                    "error": error}))
             pipe.hdel("running", os.getpid())
             pipe.execute()
-        return result
+
+
+#: The recovery points of `work`, in order (like charging a card, saving the order, sending
+#: the receipt).
+STEPS = ("charge", "order", "receipt")
+
+
+def step_effect(key: str, exec_id: str, step: str, sleep: float) -> str:
+    """A step's side effect, then its share of the slow work; returns this run's id (the
+    step's recorded value)."""
+    step_run = uuid.uuid4().hex[:16]
+    entry = {"sid": step_run, "step": step, "exec": exec_id, "pid": os.getpid(),
+             "pgid": os.getpgid(0), "t": time.time()}
+    effects().rpush(f"steps:{key}", json.dumps(entry))
+    time.sleep(sleep)
+    effects().rpush(f"stepends:{key}", step_run)
+    return step_run
 
 
 @app.task(base=ChaosTask, bind=True, idempotency_lease=LEASE)
 def work(self: Any, key: str, sleep_ms: int) -> dict[str, Any]:
-    """The side effect first (like charging a card), then a short piece of slow work."""
+    """The execution recorded first, then three steps, each a side effect and a share of a
+    short piece of slow work."""
     exec_id = uuid.uuid4().hex[:16]
     pid = os.getpid()
     sleep = sleep_ms / 1000 * random.uniform(0.5, 1.0)
@@ -131,5 +173,9 @@ def work(self: Any, key: str, sleep_ms: int) -> dict[str, Any]:
     pipe.hset("running", pid, exec_id)
     pipe.execute()
     _current.execution = (key, exec_id)
-    time.sleep(sleep)
-    return {"key": key, "exec": exec_id, "task_id": self.request.id}
+    done: dict[str, str] = {}
+    for step in STEPS:
+        done[step] = self.step(step, step_effect, key, exec_id, step, sleep / len(STEPS))
+        effects().rpush(f"stepdone:{key}", json.dumps(
+            {"exec": exec_id, "step": step, "sid": done[step]}))
+    return {"key": key, "exec": exec_id, "task_id": self.request.id, "steps": done}

@@ -36,6 +36,20 @@ execution that has no end marker and whose process was killed while it ran; that
 window between the side effect and the completion write, where no library can know whether
 the side effect happened. Any other second execution is a double execution, and so is a
 re-run that started before the previous execution's process was killed.
+
+The task body is three recovery points (``self.step``, see chaos_app). The same reasoning holds
+for each step on its own: a step's function may run again only if its previous run belongs to
+an execution that was killed and whose ``self.step`` call for that step never returned (the
+*step in flight*: killed inside the function, or after it and before its value was recorded).
+A step run whose ``self.step`` call returned had its value recorded; running it again is a
+*completed step re-run*, which must never happen. Step re-runs in flight are counted and
+reported (and how many of them came after the function's own work was done); completed step
+re-runs are asserted to be 0.
+
+A step that cannot reach the store ends its execution without an outcome: the message comes
+back later and the body runs again, returning the recorded steps. Such a re-run is no second
+execution (it is counted as *resumed*), as long as it began after the first one ended and no
+recorded step ran again; a step whose value could not be recorded then is a step in flight.
 """
 
 from __future__ import annotations
@@ -82,6 +96,10 @@ RACE_SHARE = 0.6  # of those, published within 20 ms of the first publish; the r
 PUBLISHER_BOOT = 3.0  # seconds for the second publisher process to import Celery
 AIMED_SHARE = 0.7  # kills that wait for a running task to hit; the others hit whatever is there
 AIM_FOR = 2.0  # seconds an aimed kill waits for a running task
+
+# How an execution that a step ended (the store unreachable at a step) leaves the library's
+# __call__: the message is re-sent (Retry), or requeued if that fails (Reject).
+RESUMING_EXCEPTIONS = ("Retry", "Reject")
 
 SUMMARIES: list[str] = []  # shown by tests/chaos/conftest.py in pytest's terminal summary
 
@@ -163,15 +181,38 @@ class Execution:
     t: float
     task_id: str
     fence: int | None
-    sleep: float  # the body's work after its side effect
+    sleep: float  # the body's work, split among its steps
     done_at: float | None = None
     killed_by: Kill | None = None
+    steps_done: set[str] = field(default_factory=set)  # steps whose self.step returned here
+    # How it ended when the library's __call__ raised instead: (exception class, wall clock).
+    ended: tuple[str, float] | None = None
+
+    def resumed_by(self, following: Execution) -> bool:
+        """It ended without an outcome, the message coming back later (a step found the store
+        unreachable: Retry, or Reject(requeue=True) if that could not be sent), and
+        ``following`` began after that: not a second execution, the same one resumed."""
+        return (self.done_at is None and self.ended is not None
+                and self.ended[0] in RESUMING_EXCEPTIONS and following.t >= self.ended[1])
 
     @property
     def killed_while_working(self) -> bool:
-        """Killed during the body's own work (its sleep), certainly before the library's
-        completion write; otherwise killed between the body's return and the end marker."""
-        return self.killed_by is not None and self.killed_by.t_sent < self.t + self.sleep
+        """Killed before its last step returned, certainly before the library's completion
+        write; otherwise killed between the body's return and the end marker."""
+        return self.killed_by is not None and chaos_app.STEPS[-1] not in self.steps_done
+
+
+@dataclass
+class StepRun:
+    """One call of a step's function (``self.step`` found no record of the step)."""
+
+    key: str
+    step: str
+    step_run: str
+    exec_id: str
+    t: float
+    work_done: bool  # the function's own work was done (it was about to return)
+    value_returned: bool  # some execution's self.step returned this run's value: recorded
 
 
 @dataclass(repr=False)
@@ -201,7 +242,21 @@ class Report:
     window_executions: int = 0
     window_details: list[str] = field(default_factory=list)
     window_after_work: int = 0  # re-runs after a kill between the body's return and end marker
+    # Executions that a step ended (the store unreachable at it), run again from the message
+    # that came back: not double executions when no recorded step ran again.
+    resumed_executions: int = 0
     rerun_delays: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    step_runs: int = 0  # calls of a step's function
+    # A step run again after its value was recorded (its self.step call returned): never
+    # allowed, asserted to be 0.
+    completed_steps_rerun: list[str] = field(default_factory=list)
+    # A step run again because its execution was killed before its value was recorded:
+    # allowed (a step is at-least-once), counted; and how many of those came after the
+    # function's own work was done (killed between its return and the record).
+    steps_in_flight_rerun: int = 0
+    steps_in_flight_after_work: int = 0
+    steps_in_flight_store: int = 0  # its value could not be recorded: store unreachable
+    step_details: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     client_retries: int = 0  # re-publishes of keys whose message the broker lost
     duration: float = 0.0
@@ -230,6 +285,12 @@ class Report:
                 f"failover_forgotten={len(self.failover_forgotten)} "
                 f"window_cases={len(self.window_cases)} ({self.window_executions} re-runs, "
                 f"{self.window_after_work} of them after a kill past the body's work) "
+                f"resumed={self.resumed_executions} "
+                f"step_runs={self.step_runs} "
+                f"completed_steps_rerun={len(self.completed_steps_rerun)} "
+                f"steps_in_flight_rerun={self.steps_in_flight_rerun} "
+                f"({self.steps_in_flight_after_work} after the step's work, "
+                f"{self.steps_in_flight_store} after the store was unreachable) "
                 f"client_retries={self.client_retries} "
                 f"problems={len(self.problems)} seed={self.sizes.seed} "
                 f"duration={self.duration:.1f}s")
@@ -516,6 +577,10 @@ class ChaosRun:
                     f"failover forgotten ({len(report.failover_forgotten)}): "
                     f"{report.failover_forgotten[:50]}",
                     f"window cases ({len(report.window_details)}):", *report.window_details,
+                    f"completed steps re-run ({len(report.completed_steps_rerun)}):",
+                    *report.completed_steps_rerun,
+                    f"step re-runs in flight ({len(report.step_details)}):",
+                    *report.step_details,
                     f"problems ({len(report.problems)}):", *report.problems]
         (self.log_dir / "chaos-report.txt").write_text("\n".join(sections) + "\n")
 
@@ -564,9 +629,11 @@ class ChaosRun:
 
     # -- analysis ------------------------------------------------------------------------------
 
-    def _executions(self, keys: list[str]) -> tuple[dict[str, list[Execution]], dict[str, int]]:
+    def _executions(self, keys: list[str]) -> tuple[
+            dict[str, list[Execution]], dict[str, int], dict[str, list[StepRun]]]:
         runs: dict[str, list[Execution]] = {}
         effect: dict[str, int] = {}
+        step_runs: dict[str, list[StepRun]] = {}
         for i in range(0, len(keys), 500):
             batch = keys[i:i + 500]
             pipe = self.effects.pipeline(transaction=False)
@@ -574,23 +641,41 @@ class ChaosRun:
                 pipe.get(f"effect:{key}")
                 pipe.lrange(f"runs:{key}", 0, -1)
                 pipe.lrange(f"done:{key}", 0, -1)
+                pipe.lrange(f"steps:{key}", 0, -1)
+                pipe.lrange(f"stepends:{key}", 0, -1)
+                pipe.lrange(f"stepdone:{key}", 0, -1)
+                pipe.lrange(f"ended:{key}", 0, -1)
             replies = pipe.execute()
             for j, key in enumerate(batch):
-                count, raw_runs, raw_done = replies[3 * j:3 * j + 3]
+                count, raw_runs, raw_done, raw_steps, raw_ends, raw_returned, raw_ended = \
+                    replies[7 * j:7 * j + 7]
                 effect[key] = int(count or 0)
                 done = {d["exec"]: d["t"] for d in map(json.loads, raw_done)}
+                ended = {d["exec"]: (d["error"], d["t"]) for d in map(json.loads, raw_ended)}
+                returned = [json.loads(raw) for raw in raw_returned]
+                steps_done: dict[str, set[str]] = defaultdict(set)
+                for entry in returned:
+                    steps_done[entry["exec"]].add(entry["step"])
                 runs[key] = sorted(
                     (Execution(key, r["exec"], r["pid"], r["pgid"], r["t"], r["task_id"],
-                               r["fence"], r["sleep"], done.get(r["exec"]))
+                               r["fence"], r["sleep"], done.get(r["exec"]),
+                               steps_done=steps_done[r["exec"]], ended=ended.get(r["exec"]))
                      for r in map(json.loads, raw_runs)), key=lambda e: e.t)
-        return runs, effect
+                work_done = {raw.decode() for raw in raw_ends}
+                recorded = {entry["sid"] for entry in returned}
+                step_runs[key] = sorted(
+                    (StepRun(key, s["step"], s["sid"], s["exec"], s["t"], s["sid"] in work_done,
+                             s["sid"] in recorded)
+                     for s in map(json.loads, raw_steps)), key=lambda r: r.t)
+        return runs, effect, step_runs
 
     def _analyse(self, sleeps: dict[str, int], published: list[Published],
                  other_rows: list[dict[str, Any]]) -> None:
         report = self.report
         keys = sorted(sleeps)
-        runs, effect = self._executions(keys)
+        runs, effect, step_runs = self._executions(keys)
         report.executions = sum(map(len, runs.values()))
+        report.step_runs = sum(map(len, step_runs.values()))
         report.publish_retries = (sum(p.attempts - 1 for p in published)
                                   + sum(row["attempts"] - 1 for row in other_rows))
         report.deduplicated_at_publish = (sum(bool(p.handle and p.handle.duplicate)
@@ -605,6 +690,8 @@ class ChaosRun:
         for executions in by_process.values():
             executions.sort(key=lambda e: e.t)
             for index, execution in enumerate(executions):
+                if execution.ended is not None:
+                    continue  # it ended (raised) on its own, before any kill
                 # The first kill of this process after the execution began: was it still
                 # running then (no later execution in the same process before the kill)?
                 for kill in kills:
@@ -626,9 +713,16 @@ class ChaosRun:
                     key, f"effect counter {effect[key]} != {len(executions)} executions",
                     executions))
             # Each execution but the last must have been cut short by a kill of its process
-            # (no end marker), and the next one must have begun after that kill.
+            # (no end marker), and the next one must have begun after that kill; or it ended
+            # without an outcome because a step found the store unreachable (the message
+            # comes back: resumed, its recorded steps not run again: see _analyse_steps).
             double = False
+            window = []
             for previous, following in itertools.pairwise(executions):
+                if previous.resumed_by(following):
+                    report.resumed_executions += 1
+                    continue
+                window.append((previous, following))
                 kill = previous.killed_by
                 if previous.done_at is not None or kill is None or following.t < kill.t_sent:
                     double = True
@@ -641,14 +735,19 @@ class ChaosRun:
                 report.problems.append(self._describe(key, "executed again outside the "
                                                       "window", executions))
             elif len(executions) > 1:
-                report.window_cases.append(key)
-                report.window_executions += len(executions) - 1
-                report.window_details.append(self._describe(key, "window case", executions))
-                for previous, following in itertools.pairwise(executions):
+                if window:
+                    report.window_cases.append(key)
+                    report.window_executions += len(window)
+                report.window_details.append(self._describe(
+                    key, "window case" if window else "resumed after the store was unreachable",
+                    executions))
+                for previous, following in window:
                     assert previous.killed_by is not None
                     report.window_after_work += not previous.killed_while_working
                     report.rerun_delays[previous.killed_by.kind].append(
                         following.t - previous.killed_by.t_sent)
+
+            self._analyse_steps(key, executions, step_runs[key])
 
             record = store.get(ref)
             if record is None and self._forgotten_in_a_failover(executions):
@@ -669,6 +768,12 @@ class ChaosRun:
                 report.problems.append(self._describe(
                     key, f"stored result {result!r} is not from the last execution",
                     executions))
+            last = {step: runs_of[-1].step_run for step in chaos_app.STEPS
+                    if (runs_of := [r for r in step_runs[key] if r.step == step])}
+            if result.get("steps") != last:
+                report.problems.append(self._describe_steps(
+                    key, f"stored steps {result.get('steps')!r} are not each step's last run "
+                    f"{last!r}", executions, step_runs[key]))
 
         # Every handle, from both processes, gets the key's one result.
         for item in published:
@@ -690,6 +795,65 @@ class ChaosRun:
                 report.problems.append(f"{row['key']}: second process's handle {row['id']} "
                                        f"got {row.get('result', row.get('error'))!r}, the "
                                        f"store has {stored[row['key']]!r}")
+
+    def _analyse_steps(self, key: str, executions: list[Execution],
+                       step_runs: list[StepRun]) -> None:
+        """Each step's runs for a key: a run again after the previous run's value was recorded
+        is a completed step re-run; after a kill of the previous run's execution before that
+        (or after that execution ended because the store was unreachable), a step in flight
+        run again; otherwise a problem. (`_analyse` checks that the stored result holds each
+        step's last run, the one recorded.)"""
+        report = self.report
+        by_exec = {e.exec_id: e for e in executions}
+        for step in chaos_app.STEPS:
+            mine = [run for run in step_runs if run.step == step]
+            for previous, following in itertools.pairwise(mine):
+                execution = by_exec.get(previous.exec_id)
+                kill = execution.killed_by if execution is not None else None
+                if previous.value_returned and self._straddles_a_plain_failover(
+                        previous.t, following.t):
+                    if key not in report.failover_losses:
+                        report.failover_losses.append(key)
+                    report.step_details.append(self._describe_steps(
+                        key, f"step {step} run again after a plain failover lost its record",
+                        executions, mine))
+                elif previous.value_returned:
+                    report.completed_steps_rerun.append(self._describe_steps(
+                        key, f"step {step} run again after its value was recorded",
+                        executions, mine))
+                elif kill is not None and following.t >= kill.t_sent:
+                    report.steps_in_flight_rerun += 1
+                    report.steps_in_flight_after_work += previous.work_done
+                    report.step_details.append(self._describe_steps(
+                        key, f"step {step} in flight, run again after a {kill.kind} kill",
+                        executions, mine))
+                elif execution is not None and execution.ended is not None \
+                        and execution.ended[0] in RESUMING_EXCEPTIONS \
+                        and following.t >= execution.ended[1]:
+                    # Its value could not be recorded (store unreachable past
+                    # idempotency_store_write_timeout): the step in flight runs again.
+                    report.steps_in_flight_rerun += 1
+                    report.steps_in_flight_store += 1
+                    report.step_details.append(self._describe_steps(
+                        key, f"step {step} in flight, run again after the store was "
+                        "unreachable", executions, mine))
+                else:
+                    report.problems.append(self._describe_steps(
+                        key, f"step {step} run again with no kill of its previous run",
+                        executions, mine))
+
+    def _describe_steps(self, key: str, what: str, executions: list[Execution],
+                        step_runs: list[StepRun]) -> str:
+        lines = [self._describe(key, what, executions)]
+        lines += [f"    step {r.step} run {r.step_run} exec {r.exec_id} t={r.t:.3f} "
+                  f"work_done={r.work_done} recorded={r.value_returned}" for r in step_runs]
+        return "\n".join(lines)
+
+    def _straddles_a_plain_failover(self, before: float, after: float) -> bool:
+        """Only for a plain SENTINEL FAILOVER: a failover ended between the two moments (a
+        write acknowledged by the old primary may be gone)."""
+        return not self.sizes.coordinated_failover and any(
+            before < t1 and after > t0 for t0, t1 in self.report.failovers)
 
     def _lost_in_a_failover(self, executions: list[Execution]) -> bool:
         """Only for a plain SENTINEL FAILOVER: an execution began before a failover ended and
@@ -727,7 +891,9 @@ class ChaosRun:
             lines.append(
                 f"    exec {e.exec_id} task {e.task_id} pid {e.pid} pgid {e.pgid} "
                 f"fence {e.fence} t={e.t:.3f} work={e.sleep * 1000:.0f}ms done="
-                f"{'-' if e.done_at is None else f'{e.done_at:.3f}'} killed_by="
+                f"{'-' if e.done_at is None else f'{e.done_at:.3f}'} "
+                f"{'' if e.ended is None else f'ended={e.ended[0]} at {e.ended[1]:.3f} '}"
+                f"killed_by="
                 f"{'-' if kill is None else f'{kill.kind} {kill.worker} at {kill.t_sent:.3f}'}")
         return "\n".join(lines)
 

@@ -1,6 +1,7 @@
-"""Chaos: every key runs once and every caller gets its one result, while real prefork workers
-are SIGKILLed (whole process groups and single pool children) and restarted at random moments
-and the key store's redis-server is restarted with its data.
+"""Chaos: every key runs once, no recorded step of it runs again, and every caller gets its
+one result, while real prefork workers are SIGKILLed (whole process groups and single pool
+children) and restarted at random moments and the key store's redis-server is restarted with
+its data.
 
 Two brokers: a private redis-server (with the Redis transport's visibility timeout and unacked
 restore sweep), and the shared RabbitMQ on a queue of this run's own, deleted afterwards. The
@@ -81,6 +82,10 @@ def check(run: ChaosRun, report: Report) -> None:
     assert not report.lost, f"{len(report.lost)} lost keys\n{details}"
     assert not report.double_executed, \
         f"{len(report.double_executed)} keys executed twice outside the window\n{details}"
+    # A step whose value was recorded never runs again (the step in flight may: counted).
+    assert not report.completed_steps_rerun, \
+        f"{len(report.completed_steps_rerun)} completed steps re-run\n" + "\n".join(
+            report.completed_steps_rerun[:10])
     # A plain SENTINEL FAILOVER (CHAOS_FAILOVER_MODE=sentinel) may lose acknowledged writes:
     # the double executions that straddle it are reported apart (failover_losses in the
     # summary), not failed on. A coordinated failover gets no such excuse: there they are

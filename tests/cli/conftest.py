@@ -20,12 +20,12 @@ from click.testing import CliRunner, Result
 from celery_idempotency import KeyStore, MemoryKeyStore, RecordRef, RedisKeyStore
 from celery_idempotency.cli import main
 from celery_idempotency.store import ResultPayload
+from tests.support.records import DAY_MS
 from tests.support.services import RedisServer
 
 DB = 9  # the CLI tests' own database on the session's redis-server
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-DAY_MS = 24 * 3600 * 1000
 
 
 @pytest.fixture

@@ -25,10 +25,10 @@ from celery_idempotency.records import (
     F_TASK_NAME,
     F_UPDATED,
 )
+from tests.support.records import DAY_MS
 
 STATES = ("pending", "started", "succeeded", "failed")
 SCOPES = ("shop.charge", "receipts")
-DAY_MS = 24 * 3600 * 1000
 _ERROR = json.dumps({"type": "shop.Declined", "message": "declined", "args": ["declined"]})
 
 

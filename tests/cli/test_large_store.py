@@ -15,7 +15,6 @@ COUNT = 100_000
 
 
 def test_hundred_thousand_keys(redis_server: RedisServer, redis_url: str) -> None:
-    started = time.monotonic()
     client = redis_server.client(db=DB)
     expected = seed(client, COUNT, now_ms=int(time.time() * 1000))
     assert client.dbsize() == COUNT
@@ -47,4 +46,3 @@ def test_hundred_thousand_keys(redis_server: RedisServer, redis_url: str) -> Non
     assert "stats: 100,000 records scanned" in stats.err  # one line per 100,000 when not a TTY
 
     print(f"\nstats on {COUNT:,} keys: {stats_seconds:.2f}s (scan {document['elapsed_s']}s)")
-    assert time.monotonic() - started < 30

@@ -4,11 +4,16 @@ carries its Lua scripts, ``py.typed`` and both CLI entry points, and runs the de
 
 The demo (examples/, which the wheel does not ship) runs from a copy outside the source tree,
 with no PYTHONPATH, so that the package can only come from the installed wheel.
+
+The environment has no optional extra installed: the core package imports without Django,
+FastAPI and OpenTelemetry, and each integration module says which extra it needs.
 """
 
 from __future__ import annotations
 
+import email.parser
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 import celery_idempotency
 from tests.support.skipping import missing_service
@@ -29,6 +35,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "celery_idempotency"
 # The Celery the primary environment runs with (constraints/ holds one set per Celery minor).
 CONSTRAINTS = ROOT / "constraints" / "celery-5.7.txt"
+# The optional extras: each one's integration module, and the distribution it needs.
+EXTRAS = {"fastapi": ("celery_idempotency.fastapi", "fastapi"),
+          "django": ("celery_idempotency.django", "django"),
+          "otel": ("celery_idempotency.otel", "opentelemetry")}
 
 
 @dataclass
@@ -156,3 +166,56 @@ def test_the_demo_runs_against_the_installed_wheel(installed: Installed) -> None
     assert "DEMO OK" in out, out
     assert "celery -A examples.shop worker" in out, out  # a real worker process
     assert "[ok] each published message was finished exactly once" in out, out
+
+
+# Run in the wheel's environment: import every module of the package but the extras' own, then
+# each extra's module, and report what happened as JSON.
+_IMPORT_ALL = """
+import importlib, importlib.util, json, pkgutil, sys
+extras = json.loads(sys.argv[1])
+missing = {dist: importlib.util.find_spec(dist) is None for _, dist in extras.values()}
+import celery_idempotency
+core = []
+for info in pkgutil.walk_packages(celery_idempotency.__path__, "celery_idempotency."):
+    if not any(info.name == m or info.name.startswith(m + ".") for m, _ in extras.values()):
+        importlib.import_module(info.name)
+        core.append(info.name)
+failures = {}
+for extra, (module, _) in extras.items():
+    try:
+        importlib.import_module(module)
+    except ImportError as error:
+        failures[extra] = str(error)
+print(json.dumps({"missing": missing, "core": core, "failures": failures}))
+"""
+
+
+def test_the_core_imports_without_the_extras_and_each_extra_names_itself(
+        installed: Installed) -> None:
+    out = _checked(installed.run(installed.python, "-I", "-c", _IMPORT_ALL, json.dumps(EXTRAS)),
+                   "importing the package without its optional extras")
+    report = json.loads(out)
+    # The environment really lacks them (nothing in the core dependencies pulls them in).
+    assert report["missing"] == {dist: True for _, dist in EXTRAS.values()}, report
+    assert {"celery_idempotency.http", "celery_idempotency.cli"} <= set(report["core"]), report
+    for extra, (module, _) in EXTRAS.items():
+        assert extra in report["failures"], f"{module} imported without its extra: {report}"
+        message = report["failures"][extra]
+        # A module of the wheel that refuses to load, not one missing from it.
+        assert f"No module named '{module}'" not in message, message
+        assert f"celery-idempotency[{extra}]" in message, message
+
+
+def test_the_wheel_declares_the_optional_extras(installed: Installed) -> None:
+    with zipfile.ZipFile(installed.wheel) as wheel:
+        name = next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
+        metadata = email.parser.Parser().parsestr(wheel.read(name).decode())
+    provided = set(metadata.get_all("Provides-Extra") or [])
+    assert set(EXTRAS) <= provided, provided
+    requirements = [Requirement(line) for line in metadata.get_all("Requires-Dist") or []]
+    for extra, (_, dist) in EXTRAS.items():
+        needs = [r for r in requirements if r.marker and r.marker.evaluate({"extra": extra})]
+        assert any(r.name.lower().startswith(dist) for r in needs), (extra, [str(r) for r in needs])
+    # ... and the core requires none of them: they stay optional.
+    core = [r.name.lower() for r in requirements if "extra" not in str(r.marker)]
+    assert not [n for n in core if n.startswith(tuple(d for _, d in EXTRAS.values()))], core

@@ -19,12 +19,7 @@ from celery_idempotency import (
     RedisKeyStore,
 )
 from celery_idempotency.store import ClaimStatus, ReserveStatus, ResultPayload
-from tests.support.records import write_raw
-
-REF = RecordRef("tasks.charge", "order-42")
-DAY_MS = 24 * 3600 * 1000
-RESULT = ResultPayload(b'{"ok":true}', "application/json", "utf-8", "stored")
-PENDING_MS = 600_000
+from tests.support.records import DAY_MS, PENDING_MS, REF, RESULT, write_raw
 
 
 def reserve(store: KeyStore, task_id: str = "t1", fp: str = "fp1", ttl_ms: int = DAY_MS,

@@ -24,21 +24,17 @@ import redis
 
 from celery_idempotency import (
     CorruptRecord,
-    RecordRef,
     RedisKeyStore,
     StoreMisconfigured,
     StoreUnavailable,
 )
 from celery_idempotency.exceptions import IdempotencyError
 from celery_idempotency.leases import owner_prefix
-from celery_idempotency.store import ResultPayload
 from celery_idempotency.store.errors import REQUIRED_COMMANDS
+from tests.support.records import DAY_MS, REF, RESULT
 from tests.support.services import RedisServer, free_port
 from tests.support.skipping import missing_service
 
-REF = RecordRef("tasks.charge", "order-42")
-DAY_MS = 24 * 3600 * 1000
-RESULT = ResultPayload(b'{"ok":true}', "application/json", "utf-8", "stored")
 PREFIX = "t:"
 OWNER = owner_prefix(4242) + "abcd"
 
@@ -53,6 +49,20 @@ def _claimed(store: RedisKeyStore) -> None:
     _reserved(store)
     store.claim(REF, task_id="t1", owner=OWNER, fingerprint="fp1", task_name="tasks.charge",
                 lease_ms=60_000, ttl_ms=DAY_MS)
+
+
+_FENCE: dict[str, int] = {}  # the fence of the last `_claimed_with_fence`
+
+
+def _claimed_with_fence(store: RedisKeyStore) -> None:
+    _reserved(store)
+    _FENCE["fence"] = store.claim(REF, task_id="t1", owner=OWNER, fingerprint="fp1",
+                                  task_name="tasks.charge", lease_ms=60_000,
+                                  ttl_ms=DAY_MS).fence
+
+
+def _fence(store: RedisKeyStore) -> int:
+    return _FENCE.get("fence", 0)
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,11 @@ OPS = [
     Op("abandon", _claimed, lambda s: s.abandon(
         REF, task_id="t1", owner_prefix=owner_prefix(4242), requeued=False,
         error='{"type":"WorkerLostError"}', ttl_ms=DAY_MS, pending_ms=60_000)),
+    # Recovery points: the claim's fence is read back, as the task holds it.
+    Op("begin_step", _claimed_with_fence, lambda s: s.begin_step(
+        REF, owner=OWNER, fence=_fence(s), name="charge", lease_ms=60_000)),
+    Op("save_step", _claimed_with_fence, lambda s: s.save_step(
+        REF, owner=OWNER, fence=_fence(s), name="charge", value=b"\0\0{}")),
     Op("get", _reserved, lambda s: s.get(REF), writes=False),
     Op("entry", _reserved, lambda s: s.entry(REF), writes=False),
 ]

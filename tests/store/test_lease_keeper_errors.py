@@ -9,8 +9,7 @@ from typing import Any
 
 from celery_idempotency import MemoryKeyStore, RecordRef
 from celery_idempotency.leases import LeaseKeeper
-
-REF = RecordRef("tasks.charge", "order-42")
+from tests.support.records import REF
 
 
 class FlakyRenewals(MemoryKeyStore):

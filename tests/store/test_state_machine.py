@@ -43,7 +43,8 @@ from celery_idempotency import (
     RedisKeyStore,
 )
 from celery_idempotency.records import Record
-from celery_idempotency.store import Claim, ClaimStatus, ResultPayload
+from celery_idempotency.store import Claim, ClaimStatus
+from tests.support.records import RESULT
 from tests.support.services import RedisServer
 
 # The CI budget; raise it locally (e.g. IDEMPOTENCY_STATE_EXAMPLES=2000) for a longer hunt.
@@ -66,7 +67,6 @@ TTLS = (5 * MIN, DAY)
 LEASES = (10 * MIN, 2 * DAY)  # one longer than every TTL: the record must outlive it
 PENDINGS = (20 * MIN,)
 DELAYS = (0, 60 * MIN)  # a countdown/eta, added to the TTL and the deadline
-RESULT = ResultPayload(b'{"ok":true}', "application/json", "utf-8", "stored")
 ERROR = '{"type":"builtins.ValueError","message":"m","args":["m"]}'
 # Reading a TTL and the clock is two calls: allow this much between them.
 SLACK_MS = 1_000

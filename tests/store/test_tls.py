@@ -19,12 +19,12 @@ from celery_idempotency import (
     StoreUnavailable,
     open_store,
 )
-from celery_idempotency.store import ClaimStatus, ResultPayload
+from celery_idempotency.store import ClaimStatus
+from tests.support.records import RESULT
 from tests.support.tls import Certificates, TlsCluster, TlsRedisServer, TlsSentinel
 
 USER = ("--user", "idem", "on", ">s3cret-pw", "~*", "&*", "+@all")
 AUTH = "idem:s3cret-pw@"
-RESULT = ResultPayload(b'{"ok":true}', "application/json", "utf-8", "stored")
 
 
 @pytest.fixture(scope="module")

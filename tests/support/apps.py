@@ -1,6 +1,7 @@
-"""The Celery apps of the integration tests, the chaos suite and the benchmarks: the one way
-they re-target the publishing app in their own process at a new stack (broker, queue, key
-store), and the one way their tasks reach the effects database."""
+"""The Celery apps of the tests, the chaos suite and the benchmarks: the one way they
+re-target the publishing app in their own process at a new stack (broker, queue, key store),
+the one way their tasks reach the effects database, and the unit tests' eager app and
+store that is down."""
 
 from __future__ import annotations
 
@@ -12,8 +13,29 @@ from celery import Celery
 from kombu import pools
 
 from celery_idempotency import IdempotentTask
+from tests.support.services import free_port
 
 _ABSENT = object()
+
+
+def eager_app(main: str, *, propagate: bool = False, **settings: Any) -> Celery:
+    """An app that runs its tasks in the calling process (``task_always_eager``) on the memory
+    store: `IdempotentTask` without a broker or a worker. ``propagate`` is
+    ``task_eager_propagates`` (``apply()`` raises the task's exception); ``settings`` are
+    added to or override the app's configuration."""
+    app = Celery(main, set_as_current=False)
+    app.conf.update({"task_always_eager": True, "idempotency_store_url": "memory://", **settings})
+    if propagate:
+        app.conf.task_eager_propagates = True
+    return app
+
+
+def store_down(app: Celery, **settings: Any) -> None:
+    """Point ``app`` at a key store that is down (a free 127.0.0.1 port: nothing listens), with
+    a short timeout so that the refusal comes at once; ``settings`` are added (for example
+    ``idempotency_on_store_error="fail_open"``)."""
+    app.conf.update({"idempotency_store_url": f"redis://127.0.0.1:{free_port()}/0",
+                     "idempotency_store_timeout": 0.2, **settings})
 
 
 def forget_idempotency_settings(app: Celery) -> None:

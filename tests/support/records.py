@@ -1,9 +1,19 @@
-"""Raw records for tests: write a record's hash fields directly, bypassing the store's scripts
-(damaged, foreign or hand-made records)."""
+"""Records for tests: the suite's sample record (one key, its TTL, a stored result), and raw
+hash fields written directly, bypassing the store's scripts (damaged, foreign or hand-made
+records)."""
 
 from __future__ import annotations
 
 from celery_idempotency import KeyStore, MemoryKeyStore, RecordRef, RedisKeyStore
+from celery_idempotency.store import ResultPayload
+
+#: The sample key: scope ``tasks.charge`` (also the task's name), key ``order-42``.
+REF = RecordRef("tasks.charge", "order-42")
+DAY_MS = 24 * 3600 * 1000
+#: A reservation's deadline, as `idempotency_pending_timeout`'s default (600 s).
+PENDING_MS = 600_000
+#: A small stored JSON result.
+RESULT = ResultPayload(b'{"ok":true}', "application/json", "utf-8", "stored")
 
 
 def write_raw(store: KeyStore, ref: RecordRef, fields: dict[str, bytes]) -> None:

@@ -27,6 +27,7 @@ from celery_idempotency.celery_compat import (
     problem_with,
 )
 from celery_idempotency.worker import IdempotentRequest
+from tests.support.apps import eager_app
 
 PACKAGE = Path(celery_compat.__file__).resolve().parent
 ALL = (*PRIVATE_SURFACE, *OVERRIDDEN_PUBLIC)
@@ -166,9 +167,7 @@ def test_push_request_flag_matches_what_the_installed_celery_does() -> None:
 
 
 def test_the_task_body_sees_its_own_request_on_every_celery() -> None:
-    app = celery.Celery("compat", set_as_current=False)
-    app.conf.update(task_always_eager=True, task_eager_propagates=True,
-                    idempotency_store_url="memory://")
+    app = eager_app("compat", propagate=True)
 
     @app.task(shared=False, base=IdempotentTask, bind=True, name="tests.compat.body")
     def body(self: Any) -> dict[str, Any]:

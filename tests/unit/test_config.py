@@ -74,3 +74,18 @@ def test_per_message_options_are_limited() -> None:
     assert config.with_message_options({"idempotency_scope": "s"}).scope == "s"
     with pytest.raises(ConfigurationError, match="per message"):
         config.with_message_options({"idempotency_lease": 5})
+
+
+def test_a_misspelt_name_under_the_apps_config_namespace_is_refused() -> None:
+    # Django projects: config_from_object("django.conf:settings", namespace="CELERY") makes
+    # Celery read CELERY_IDEMPOTENCY_TTL as idempotency_ttl; a typo there must not be ignored.
+    app = Celery("namespaced", set_as_current=False)
+    app.config_from_object({"CELERY_IDEMPOTENCY_STORE_URL": "memory://",
+                            "CELERY_IDEMPOTENCY_TTL": 3600,
+                            "STRIPE_IDEMPOTENCY_HEADER": "not ours"}, namespace="CELERY")
+    config = resolve(app.conf, {}, task_name="t", namespace=app.namespace)
+    assert (config.store_url, config.ttl) == ("memory://", 3600)
+
+    app.conf["CELERY_IDEMPOTENCY_TTLL"] = 60
+    with pytest.raises(ConfigurationError, match="idempotency_ttll"):
+        resolve(app.conf, {}, task_name="t", namespace=app.namespace)

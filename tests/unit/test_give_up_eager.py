@@ -4,7 +4,6 @@ handles raise at once and the next publish runs the task."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,14 +11,6 @@ from celery import Celery
 from celery.exceptions import Reject
 
 from celery_idempotency import IdempotentTask, KeyState, RecordRef, ReplayedTaskError
-
-
-@pytest.fixture
-def app() -> Iterator[Celery]:
-    app = Celery("give-up", set_as_current=False)
-    app.conf.update(task_always_eager=True, task_eager_propagates=True,
-                    idempotency_store_url="memory://")
-    yield app
 
 
 def make_task(app: Celery, first_run: BaseException) -> tuple[Any, list[int]]:

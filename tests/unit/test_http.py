@@ -4,7 +4,6 @@ import threading
 from typing import Any
 
 import pytest
-from celery import Celery
 
 from celery_idempotency import (
     IdempotencyKeyMismatch,
@@ -17,6 +16,7 @@ from celery_idempotency.http import (
     status_for_error,
     status_for_submission,
 )
+from tests.support.apps import eager_app
 
 
 @pytest.mark.parametrize(("header", "key"), [
@@ -59,8 +59,7 @@ def test_mismatch_is_422() -> None:
 
 
 def test_submission_statuses_new_done_and_in_flight() -> None:
-    app = Celery("http", set_as_current=False)
-    app.conf.update(task_always_eager=True, idempotency_store_url="memory://")
+    app = eager_app("http")
     started, finish = threading.Event(), threading.Event()
 
     @app.task(shared=False, base=IdempotentTask)

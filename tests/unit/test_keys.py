@@ -196,12 +196,10 @@ def test_nesting_up_to_the_limit_and_shared_references_are_accepted() -> None:
 
 
 def test_a_task_published_with_recursive_arguments_gets_arguments_not_canonical() -> None:
-    from celery import Celery
-
     from celery_idempotency import IdempotentTask
+    from tests.support.apps import eager_app
 
-    app = Celery("deep", set_as_current=False)
-    app.conf.update(task_always_eager=True, idempotency_store_url="memory://")
+    app = eager_app("deep")
 
     @app.task(shared=False, base=IdempotentTask)
     def store_document(document: Any) -> None: ...

@@ -12,10 +12,7 @@ import pytest
 
 from celery_idempotency import KeyState, MemoryKeyStore, RecordRef
 from celery_idempotency.leases import LeaseKeeper, new_owner_token, owner_prefix
-from celery_idempotency.store.base import ResultPayload
-
-REF = RecordRef("scope", "k")
-RESULT = ResultPayload(b"1", "application/json", "utf-8", "stored")
+from tests.support.records import REF, RESULT
 
 
 def claimed(lease_ms: int) -> tuple[MemoryKeyStore, str]:

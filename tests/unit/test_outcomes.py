@@ -48,6 +48,7 @@ from celery_idempotency import (
 from celery_idempotency.config import resolve
 from celery_idempotency.outcomes import encode_error, is_control_flow, rebuild_error
 from celery_idempotency.records import Record, ResultStatus
+from tests.support.apps import eager_app
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -321,9 +322,7 @@ def test_a_cap_smaller_than_the_type_name_still_stores_the_type() -> None:
 
 
 def test_the_task_stores_errors_under_its_max_result_bytes() -> None:
-    app = Celery("cap", set_as_current=False)
-    app.conf.update(task_always_eager=True, idempotency_store_url="memory://",
-                    idempotency_max_result_bytes=4096)
+    app = eager_app("cap", idempotency_max_result_bytes=4096)
 
     @app.task(shared=False, base=IdempotentTask, name="tests.shout")
     def shout() -> None:
@@ -368,8 +367,7 @@ def test_recursive_and_deep_arguments_are_left_out() -> None:
 
 
 def test_a_task_raising_an_unprintable_error_still_records_a_retryable_failure() -> None:
-    app = Celery("unprintable", set_as_current=False)
-    app.conf.update(task_always_eager=True, idempotency_store_url="memory://")
+    app = eager_app("unprintable")
     runs: list[int] = []
 
     @app.task(shared=False, base=IdempotentTask, name="tests.broken")
@@ -416,8 +414,7 @@ def test_replayed_task_error_survives_pickle_and_celerys_json_result_backend() -
 
 @pytest.mark.parametrize("opted_in", [True, False])
 def test_replays_run_a_constructor_only_as_often_as_opted_in(opted_in: bool) -> None:
-    app = Celery("replays", set_as_current=False)
-    app.conf.update(task_always_eager=True, idempotency_store_url="memory://")
+    app = eager_app("replays")
     options = {"idempotency_cache_errors": (Audited,)} if opted_in else {}
     runs: list[int] = []
 
@@ -459,8 +456,7 @@ def test_replays_run_a_constructor_only_as_often_as_opted_in(opted_in: bool) -> 
 
 
 def test_a_handle_rebuilt_from_the_key_alone_follows_the_tasks_opt_in() -> None:
-    app = Celery("lookup", set_as_current=False)
-    app.conf.update(task_always_eager=True, idempotency_store_url="memory://")
+    app = eager_app("lookup")
 
     @app.task(shared=False, base=IdempotentTask, name="tests.pay",
               idempotency_cache_errors=(Audited,))

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -9,13 +8,12 @@ from celery import Celery
 from celery_idempotency import IdempotentTask, InvalidIdempotencyKey
 from celery_idempotency import signals as idem_signals
 from celery_idempotency.signals import idempotency_key, install
+from tests.support.apps import eager_app
 
 
 @pytest.fixture
-def app() -> Iterator[Celery]:
-    app = Celery("sig", set_as_current=False)
-    app.conf.update(task_always_eager=True, idempotency_store_url="memory://")
-    yield app
+def app() -> Celery:
+    return eager_app("sig")  # a retry's exception stays in its EagerResult
 
 
 def test_context_key_is_used_by_apply_async_and_delay(app: Celery) -> None:

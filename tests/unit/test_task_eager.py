@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,19 +24,11 @@ from celery_idempotency import (
     StoreUnavailable,
     result_for_key,
 )
-from tests.support.services import free_port
+from tests.support.apps import store_down
 
 
 class Declined(Exception):
     pass
-
-
-@pytest.fixture
-def app() -> Iterator[Celery]:
-    app = Celery("eager", set_as_current=False)
-    app.conf.update(task_always_eager=True, task_eager_propagates=True,
-                    idempotency_store_url="memory://")
-    yield app
 
 
 def make_counting_task(app: Celery, **options: Any) -> tuple[Any, list[Any]]:
@@ -263,8 +254,7 @@ def test_pickle_results_only_when_configured(app: Celery) -> None:
 
 
 def test_store_down_at_publish_fails_closed(app: Celery) -> None:
-    app.conf.idempotency_store_url = f"redis://127.0.0.1:{free_port()}/0"
-    app.conf.idempotency_store_timeout = 0.2
+    store_down(app)
     charge, calls = make_counting_task(app)
     with pytest.raises(StoreUnavailable, match="unreachable") as info:
         charge.apply_async((1,), idempotency_key="k")
@@ -273,9 +263,7 @@ def test_store_down_at_publish_fails_closed(app: Celery) -> None:
 
 def test_store_down_with_fail_open_runs_with_a_warning(app: Celery,
                                                        caplog: pytest.LogCaptureFixture) -> None:
-    app.conf.idempotency_store_url = f"redis://127.0.0.1:{free_port()}/0"
-    app.conf.idempotency_store_timeout = 0.2
-    app.conf.idempotency_on_store_error = "fail_open"
+    store_down(app, idempotency_on_store_error="fail_open")
     charge, calls = make_counting_task(app)
     with caplog.at_level(logging.WARNING, logger="celery_idempotency"):
         charge.apply_async((1,), idempotency_key="k")

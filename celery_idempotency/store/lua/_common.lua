@@ -21,13 +21,41 @@ local function int(n)
   return string.format('%.0f', n)
 end
 
+-- Recovery points: each recorded step is a field of the record named this prefix and the
+-- step's name (records.F_STEP_PREFIX); no field of the record's own starts with it.
+local STEP_PREFIX = 'sp:'
+
 -- {status, [extra,] field, value, field, value, ...}: the status (and one more value, if
--- given) and the whole record in one reply.
+-- given) and the whole record in one reply, but for the steps' values (the caller decides
+-- from the record; a step's value can be large).
 local function reply(status, key, extra)
-  local fields = redis.call('HGETALL', key)
-  if extra ~= nil then table.insert(fields, 1, extra) end
-  table.insert(fields, 1, status)
+  local all = redis.call('HGETALL', key)
+  local fields = {status}
+  if extra ~= nil then table.insert(fields, extra) end
+  for i = 1, #all, 2 do
+    if string.sub(all[i], 1, #STEP_PREFIX) ~= STEP_PREFIX then
+      table.insert(fields, all[i])
+      table.insert(fields, all[i + 1])
+    end
+  end
   return fields
+end
+
+-- Delete the record's step fields (steps = true: its outcome is final, it never runs again),
+-- or every field but the steps (steps = false: a new run continues where the last one
+-- stopped). A record left without fields is gone, as after DEL.
+local function delete_fields(key, steps)
+  local all = redis.call('HGETALL', key)
+  local names = {}
+  for i = 1, #all, 2 do
+    if (string.sub(all[i], 1, #STEP_PREFIX) == STEP_PREFIX) == steps then
+      table.insert(names, all[i])
+    end
+  end
+  -- In batches: unpack() is limited by Lua's stack.
+  for i = 1, #names, 1000 do
+    redis.call('HDEL', key, unpack(names, i, math.min(i + 999, #names)))
+  end
 end
 
 -- Lengthen the record's TTL to at least ms, never shorten it: a record outlives its lease

@@ -1,4 +1,5 @@
--- complete: started -> succeeded with the result, only for the current owner.
+-- complete: started -> succeeded with the result, only for the current owner; the recorded
+-- steps are dropped.
 -- KEYS: record
 -- ARGV: owner, result, content_type ('' = json), content_encoding ('' = utf-8),
 --       result_status ('' = stored), ttl_ms
@@ -19,6 +20,8 @@ redis.call('HSET', rec, 'st', 'succeeded', 'r', result, 'u', now_ms())
 if content_type ~= '' then redis.call('HSET', rec, 'ct', content_type) end
 if content_encoding ~= '' then redis.call('HSET', rec, 'ce', content_encoding) end
 if result_status ~= '' then redis.call('HSET', rec, 'rs', result_status) end
+-- The outcome is final: the steps that led to it are not needed again.
+delete_fields(rec, true)
 redis.call('PEXPIRE', rec, ttl_ms)
 wake(rec)
 return {'ok'}

@@ -1,4 +1,5 @@
--- fail: started -> failed with the error, only for the current owner.
+-- fail: started -> failed with the error, only for the current owner; the recorded steps
+-- are dropped unless it is retryable.
 -- KEYS: record
 -- ARGV: owner, error (JSON), retryable ('1' or '0'), ttl_ms
 -- Returns {'ok'} | {'lost', <record fields>...}
@@ -12,6 +13,9 @@ if state == 'failed' then return {'ok'} end  -- our own write, retried
 if state ~= 'started' then return reply('lost', rec) end
 redis.call('HDEL', rec, 'l')
 redis.call('HSET', rec, 'st', 'failed', 'e', error_json, 'ry', retryable, 'u', now_ms())
+-- A cached error is final: its steps go. A retryable one keeps them, so that the next run
+-- continues where this one stopped.
+if retryable ~= '1' then delete_fields(rec, true) end
 redis.call('PEXPIRE', rec, ttl_ms)
 wake(rec)
 return {'ok'}

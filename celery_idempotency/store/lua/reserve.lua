@@ -33,9 +33,10 @@ if state then
   end
   if not (state == 'failed' and retryable == '1') then return reply('duplicate', rec) end
   -- A retryable failure: the next publish runs the task again. Keep the fencing counter
-  -- monotonic across the new reservation.
+  -- monotonic across the new reservation, and the recorded steps: the new run continues
+  -- where the failed one stopped.
   fence = held_fence or '0'
-  redis.call('DEL', rec)
+  delete_fields(rec, false)
 end
 redis.call('HSET', rec, 'k', key, 's', scope, 'st', 'pending', 't', task_id,
   'fp', fingerprint, 'f', fence, 'c', now, 'u', now, 'pd', now + pending_ms)
