@@ -9,8 +9,9 @@ REPORTS := .reports
 PRIMARY_CONSTRAINTS := constraints/celery-5.7.txt
 # The other cells of the support matrix that `make test` runs, one after the other (never
 # beside the full suite: its timing-sensitive tests share 2 cores). nox session names;
-# `$(BIN)/nox -l` lists every cell. Measured on 2 busy cores: a core cell 2.5 minutes, a quick
-# cell (no crash-safety tests) 1 minute, resolutions 1.5 minutes; the full suite 8.5 minutes.
+# `$(BIN)/nox -l` lists every cell. Measured on 2 cores (clean-clone .ci/run of 29 Nov 2026):
+# a core cell 3.5-4.5 minutes, a quick cell (no crash-safety tests) 1.5-2 minutes, resolutions
+# 2 minutes; the full suite 13.5 minutes; the whole .ci/run 36 minutes.
 MATRIX_CELLS ?= core-3.10(celery-5.4) core-3.13(celery-5.7) core-3.12(celery-5.5) \
 	core-3.12(celery-5.6) quick-3.13(celery-5.4) quick-3.10(celery-5.7) resolutions
 

@@ -159,7 +159,10 @@ def task_log(worker: Worker, task_id: str, event: str) -> list[str]:
     """Lines of the worker log about ``task_id`` for ``event`` ('received', 'succeeded',
     'retry', 'raised')."""
     pattern = re.compile(rf"Task [\w.]+\[{re.escape(task_id)}\] {event}\b.*")
-    return pattern.findall(worker.output())
+    # Complete lines only: the worker may be writing the last one while it is read (a partial
+    # "succeeded" line would be taken for the task's whole result).
+    output = worker.output()
+    return pattern.findall(output[:output.rfind("\n") + 1])
 
 
 def succeeded_result(worker: Worker, task_id: str) -> str | None:
