@@ -12,24 +12,11 @@ import os
 import time
 from typing import Any
 
-from celery import Celery
-
 from celery_idempotency import IdempotentTask
-from tests.support.apps import RedisFromEnv
+from tests.support.apps import RedisFromEnv, worker_app
 
-app = Celery("itest", broker=os.environ.get("BROKER_URL", "redis://127.0.0.1:6379/15"))
-app.conf.update(
-    idempotency_store_url=os.environ.get("STORE_URL", "memory://"),
-    task_default_queue=os.environ.get("QUEUE", "celery"),
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    worker_prefetch_multiplier=1,
-    broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": 30, "unacked_restore_interval": 1,
-                              "unacked_restore_throttle": 1, "unacked_mutex_expire": 10,
-                              "polling_interval": 0.1},
-    result_backend=os.environ.get("RESULT_BACKEND") or None,
-)
+app = worker_app("itest", redelivering=True,
+                 result_backend=os.environ.get("RESULT_BACKEND") or None)
 # Extra settings for the worker, as JSON (e.g. a short idempotency store retry backoff).
 app.conf.update(json.loads(os.environ.get("EXTRA_CONF") or "{}"))
 

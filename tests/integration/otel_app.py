@@ -17,22 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
 from celery.signals import worker_process_init
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
 from celery_idempotency import IdempotentTask, otel
+from tests.support.apps import worker_app
 
-app = Celery("otel_itest", broker=os.environ.get("BROKER_URL", "redis://127.0.0.1:6379/15"))
-app.conf.update(
-    idempotency_store_url=os.environ.get("STORE_URL", "memory://"),
-    task_default_queue=os.environ.get("QUEUE", "celery"),
-    task_acks_late=True,
-    worker_prefetch_multiplier=1,
-    broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": 30, "polling_interval": 0.1},
-)
+app = worker_app("otel_itest")
 
 
 def span_record(span: ReadableSpan) -> dict[str, Any]:

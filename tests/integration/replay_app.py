@@ -8,25 +8,15 @@ EFFECTS_URL, QUEUE). Every task counts, per job, in the effects database:
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
-from celery import Celery
 from celery.signals import task_postrun, task_prerun
 
 from celery_idempotency import IdempotentTask
-from tests.support.apps import RedisFromEnv
+from tests.support.apps import RedisFromEnv, worker_app
 
-app = Celery("replay", broker=os.environ.get("BROKER_URL", "redis://127.0.0.1:6379/15"))
-app.conf.update(
-    idempotency_store_url=os.environ.get("STORE_URL", "memory://"),
-    task_default_queue=os.environ.get("QUEUE", "celery"),
-    task_acks_late=True,
-    worker_prefetch_multiplier=1,
-    broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": 30, "polling_interval": 0.1},
-)
+app = worker_app("replay")
 
 effects = RedisFromEnv("EFFECTS_URL")  # effects(): the effects db's client
 

@@ -28,25 +28,12 @@ import time
 import uuid
 from typing import Any
 
-from celery import Celery
-
 from celery_idempotency import IdempotentTask
-from tests.support.apps import RedisFromEnv
+from tests.support.apps import RedisFromEnv, worker_app
 
 STEPS = ("charge", "order", "receipt")
 
-app = Celery("steps", broker=os.environ.get("BROKER_URL", "redis://127.0.0.1:6379/15"))
-app.conf.update(
-    idempotency_store_url=os.environ.get("STORE_URL", "memory://"),
-    task_default_queue=os.environ.get("QUEUE", "celery"),
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    worker_prefetch_multiplier=1,
-    broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": 30, "unacked_restore_interval": 1,
-                              "unacked_restore_throttle": 1, "unacked_mutex_expire": 10,
-                              "polling_interval": 0.1},
-)
+app = worker_app("steps", redelivering=True)
 app.conf.update(json.loads(os.environ.get("EXTRA_CONF") or "{}"))
 
 effects = RedisFromEnv("EFFECTS_URL")  # effects(): the effects db's client

@@ -30,6 +30,29 @@ def eager_app(main: str, *, propagate: bool = False, **settings: Any) -> Celery:
     return app
 
 
+def worker_app(main: str, *, redelivering: bool = False, **settings: Any) -> Celery:
+    """The app of a test worker's task module, pointed by the environment the test starts the
+    worker with: ``BROKER_URL``, ``STORE_URL``, ``QUEUE``. ``redelivering``: a killed worker's
+    late-acked messages come back within about a second (kombu's Redis transport restores
+    unacked messages; its defaults wait minutes), as the crash-safety tests need."""
+    app = Celery(main, broker=os.environ.get("BROKER_URL", "redis://127.0.0.1:6379/15"))
+    transport: dict[str, Any] = {"visibility_timeout": 30, "polling_interval": 0.1}
+    if redelivering:
+        transport.update(unacked_restore_interval=1, unacked_restore_throttle=1,
+                         unacked_mutex_expire=10)
+        settings = {"task_reject_on_worker_lost": True, **settings}
+    app.conf.update(
+        idempotency_store_url=os.environ.get("STORE_URL", "memory://"),
+        task_default_queue=os.environ.get("QUEUE", "celery"),
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=transport,
+        **settings,
+    )
+    return app
+
+
 def store_down(app: Celery, **settings: Any) -> None:
     """Point ``app`` at a key store that is down (a free 127.0.0.1 port: nothing listens), with
     a short timeout so that the refusal comes at once; ``settings`` are added (for example
