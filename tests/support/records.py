@@ -22,3 +22,12 @@ def write_raw(store: KeyStore, ref: RecordRef, fields: dict[str, bytes]) -> None
     else:
         assert isinstance(store, RedisKeyStore)
         store.client.hset(store.store_key(ref), mapping=fields)
+
+
+def take_claim_away(store: KeyStore, ref: RecordRef) -> None:
+    """What an operator's release followed by another task's claim does to a running task: the
+    record is deleted and claimed by ``other``, so the running task's next write is refused."""
+    record = store.get(ref)
+    assert record is not None and store.delete_if_unchanged(record)
+    store.claim(ref, task_id="other", owner="other-owner", fingerprint="fp",
+                task_name=ref.scope, lease_ms=60_000, ttl_ms=60_000)

@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from celery_idempotency import ConfigurationError, IdempotentTask, RecordRef, otel
 from celery_idempotency.store import MemoryKeyStore
+from tests.support.records import take_claim_away
 from tests.support.workers import ROOT
 
 KEY = "customer-jane.doe@example.com"  # a key that is personal data
@@ -286,12 +287,7 @@ def test_ownership_lost_before_the_outcome_write_is_marked_and_counted(
     @app.task(shared=False, base=IdempotentTask, bind=True, name="tests.otel.loses_its_claim")
     def loses_its_claim(self: Any, order_id: int) -> int:
         # An operator releases the key mid-run and another task claims it.
-        store = store_of(self)
-        ref = RecordRef(self.name, KEY)
-        record = store.get(ref)
-        assert record is not None and store.delete_if_unchanged(record)
-        store.claim(ref, task_id="other", owner="other-owner", fingerprint="fp",
-                    task_name=self.name, lease_ms=60_000, ttl_ms=60_000)
+        take_claim_away(store_of(self), RecordRef(self.name, KEY))
         return order_id
 
     run(loses_its_claim, 42).get()

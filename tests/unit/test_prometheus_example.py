@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY
 
 from celery_idempotency import IdempotentTask, MemoryKeyStore, RecordRef
 from examples import prometheus_metrics  # noqa: F401  (connects the receivers)
+from tests.support.records import take_claim_away
 
 KEY = "order-42"
 
@@ -72,12 +73,7 @@ def test_takeovers_are_counted(app: Celery) -> None:
 def test_ownership_losses_are_counted(app: Celery) -> None:
     @app.task(shared=False, base=IdempotentTask, bind=True, name="prom.lost")
     def loses_its_claim(self: Any, order_id: int) -> int:
-        store = store_of(self)
-        ref = RecordRef(self.name, KEY)
-        record = store.get(ref)
-        assert record is not None and store.delete_if_unchanged(record)
-        store.claim(ref, task_id="other", owner="other-owner", fingerprint="fp",
-                    task_name=self.name, lease_ms=60_000, ttl_ms=60_000)
+        take_claim_away(store_of(self), RecordRef(self.name, KEY))
         return order_id
 
     before = sample("idempotency_ownership_losses_total", task="prom.lost")
