@@ -33,13 +33,15 @@ SECTIONS = ("throughput", "work", "duplicates", "publish", "bulk", "roundtrips",
 RESULTS = ROOT / "benchmarks" / "results"
 
 FULL = {"tasks": 3000, "rounds": 5, "warmup": 300, "work_tasks": 1000, "work_rounds": 3,
-        "work_ms": 2.0, "dup_tasks": 3000, "dup_rounds": 3, "publish_calls": 2000,
+        "work_ms": 2.0, "dup_tasks": 3000, "dup_rounds": 3,
+        "dup_shares": [0.0, 0.1, 0.3, 0.5, 0.7], "publish_calls": 2000,
         "publish_rounds": 5, "bulk_calls": 10_000, "bulk_rounds": 3, "roundtrip_calls": 200,
         "memory_points": [100_000, 1_000_000],
         "memory_sample": 2_000, "latency_iterations": 5_000, "wakeup_iterations": 300,
         "wakeup_rounds": 10, "step_iterations": 1_000}
 QUICK = {"tasks": 600, "rounds": 2, "warmup": 100, "work_tasks": 200, "work_rounds": 1,
-         "work_ms": 2.0, "dup_tasks": 600, "dup_rounds": 1, "publish_calls": 500,
+         "work_ms": 2.0, "dup_tasks": 600, "dup_rounds": 1,
+         "dup_shares": [0.0, 0.1, 0.3, 0.5, 0.7], "publish_calls": 500,
          "publish_rounds": 2, "bulk_calls": 2_000, "bulk_rounds": 1, "roundtrip_calls": 50,
          "memory_points": [20_000],
          "memory_sample": 500, "latency_iterations": 1_000, "wakeup_iterations": 100,
@@ -60,10 +62,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pools", default="solo,prefork", help="worker pools (solo,prefork)")
     parser.add_argument("--memory-points", help="record counts, e.g. 100000,1000000")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile a solo worker (pyinstrument) through one run of "
+                             "IdempotentTask calls; files next to --out")
     parser.add_argument("--update-docs", action="store_true",
                         help="rewrite the results block of docs/benchmarks.md and its chart")
     args = parser.parse_args(argv)
-    unknown = set(args.sections.split(",")) - set(SECTIONS)
+    unknown = set(filter(None, args.sections.split(","))) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s) {sorted(unknown)}; known: {', '.join(SECTIONS)}")
     return args
@@ -119,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     services["redis"] = stack.store.version()
     try:
         _run_sections(stack, sections, params, brokers, pools, results["sections"], log)
+        if args.profile:
+            from . import profile
+
+            results["sections"]["profile"] = profile.profile_worker(
+                stack, tasks=params["tasks"], out_dir=args.out.parent, log=log)
     finally:
         stack.close()
     results["runtime_s"] = time.perf_counter() - started
@@ -151,11 +161,11 @@ def _run_sections(stack: Any, sections: list[str], params: dict[str, Any], broke
         out["work"] = throughput.unique_throughput(
             stack, brokers=["redis"], pools=["solo"], tasks=params["work_tasks"],
             rounds=params["work_rounds"], warmup=params["warmup"] // 3, log=log,
-            work_ms=params["work_ms"])
+            work_ms=params["work_ms"], configs=throughput.CONFIGS)
     if "duplicates" in sections:
         out["duplicates"] = throughput.duplicate_workload(
             stack, broker="redis", pool="prefork", tasks=params["dup_tasks"],
-            fractions=[0.3, 0.7], rounds=params["dup_rounds"], warmup=params["warmup"],
+            fractions=params["dup_shares"], rounds=params["dup_rounds"], warmup=params["warmup"],
             log=log)
     if "publish" in sections:
         out["publish"] = publish.publish_path(stack, calls=params["publish_calls"],
@@ -176,6 +186,12 @@ def _run_sections(stack: Any, sections: list[str], params: dict[str, Any], broke
         from . import steps
 
         out["steps"] = steps.step_cost(stack, iterations=params["step_iterations"], log=log)
+    if "throughput" in sections and "latency" not in sections:
+        # Target 1 is reported with the worker-side decomposition of its gap (library Python,
+        # script work, bare round trips): measure a shorter one when the latency section is off.
+        log("[throughput] worker-side breakdown (short latency decomposition)")
+        out["throughput"]["breakdown"] = latency.worker_latency(
+            stack, iterations=max(500, params["latency_iterations"] // 5), log=log)
     if "memory" in sections:
         out["memory"] = memory.memory_per_record(checkpoints=params["memory_points"],
                                                  sample=params["memory_sample"], log=log)

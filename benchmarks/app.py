@@ -1,5 +1,6 @@
-"""The Celery app of the benchmark: the same trivial task four times, as plain `celery.Task`,
-`IdempotentTask`, celery-once's `QueueOnce` and celery-singleton's `Singleton`.
+"""The Celery app of the benchmark: the same trivial task five times, as plain `celery.Task`,
+`IdempotentTask`, celery-once's `QueueOnce`, celery-singleton's `Singleton`, and `FloorTask`:
+plain Celery plus the three bare store round trips the design cannot do without (the floor).
 
 Worker processes import this module (``celery -A benchmarks.app worker``) configured from the
 environment; the benchmark process imports it too and points it at the same services with
@@ -16,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import redis
 from celery import Celery, Task
-from celery.signals import task_postrun, worker_ready
+from celery.signals import task_postrun, worker_ready, worker_shutdown
 from celery_once import QueueOnce
 from celery_singleton import Singleton
 
@@ -34,8 +36,10 @@ ENV_POSTRUN = "BENCH_COUNT_POSTRUN"  # "1": also count every finished message (r
 ENV_READY = "BENCH_READY_FILE"
 ENV_EXTRA = "BENCH_EXTRA_CONF"  # JSON settings for the worker, for experiments
 ENV_PREFETCH = "BENCH_PREFETCH"  # worker_prefetch_multiplier (default 1, as in docs/peers.md)
+ENV_PROFILE = "BENCH_PROFILE"  # a path: profile the (solo) worker with pyinstrument, write there
 
 PLAIN, IDEM, ONCE, SINGLETON = "bench.plain", "bench.idem", "bench.once", "bench.singleton"
+FLOOR = "bench.floor"
 
 
 def settings(*, broker_url: str, store_url: str, once_url: str, singleton_url: str,
@@ -82,6 +86,38 @@ def record_effect(run: str, item: int) -> None:
     pipe.execute()
 
 
+_store_clients: dict[tuple[int, str], Any] = {}
+
+
+def floor_store() -> Any:
+    """A redis-py client of the idempotency store's server (the URL IdempotentTask uses), one per
+    process and URL: the publisher is re-pointed between blocks, pool children fork."""
+    url = app.conf.idempotency_store_url
+    key = (os.getpid(), url)
+    client = _store_clients.get(key)
+    if client is None:
+        client = _store_clients[key] = redis.Redis.from_url(url)
+    return client
+
+
+class FloorTask(Task):  # type: ignore[misc]
+    """Plain Celery plus three bare round trips to the store's redis-server, where
+    `IdempotentTask` makes its three store calls: one PING before publishing (reserve), one
+    before the body (claim) and one after it (complete). What is left between this and
+    `IdempotentTask` is the library's own work: its Python and its scripts' work above a bare
+    round trip."""
+
+    def apply_async(self, *args: Any, **kwargs: Any) -> Any:
+        floor_store().ping()
+        return super().apply_async(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        floor_store().ping()
+        result = super().__call__(*args, **kwargs)
+        floor_store().ping()
+        return result
+
+
 def work(work_ms: float) -> None:
     """Optional simulated I/O wait (a call to another service) before the side effect."""
     if work_ms:
@@ -90,7 +126,7 @@ def work(work_ms: float) -> None:
 
 def bench_task(name: str, base: type[Task] | None) -> Any:
     """The benchmark's one task body, registered as ``name`` on ``base`` (None: the app's plain
-    `celery.Task`): the four configurations differ in their base class and nothing else."""
+    `celery.Task`): the five configurations differ in their base class and nothing else."""
 
     @app.task(name=name, base=base)
     def bench(run: str, item: int, work_ms: float = 0.0) -> dict[str, Any]:
@@ -105,9 +141,11 @@ plain = bench_task(PLAIN, None)
 idem = bench_task(IDEM, IdempotentTask)
 once = bench_task(ONCE, QueueOnce)
 singleton = bench_task(SINGLETON, Singleton)
+floor = bench_task(FLOOR, FloorTask)
 
 
-TASKS = {"plain": plain, "idempotent": idem, "celery-once": once, "celery-singleton": singleton}
+TASKS = {"plain": plain, "idempotent": idem, "celery-once": once, "celery-singleton": singleton,
+         "floor": floor}
 
 
 @task_postrun.connect
@@ -118,11 +156,31 @@ def _count_finished(sender: Any = None, task_id: Any = None, **_: Any) -> None:
         effects().incr(f"bench:done:{os.environ[ENV_QUEUE]}")
 
 
+_profiler: list[Any] = []
+
+
 @worker_ready.connect
 def _ready(**_: Any) -> None:
+    if os.environ.get(ENV_PROFILE):  # `python -m benchmarks --profile` (benchmarks/profile.py)
+        from pyinstrument import Profiler
+
+        _profiler.append(Profiler(interval=0.001))
+        _profiler[0].start()
     ready = os.environ.get(ENV_READY)
     if ready:
         Path(ready).write_text("ready")
+
+
+@worker_shutdown.connect
+def _write_profile(**_: Any) -> None:
+    if _profiler:
+        from .profile import summarise
+
+        session = _profiler[0].stop()
+        path = Path(os.environ[ENV_PROFILE])
+        path.with_suffix(".txt").write_text(_profiler[0].output_text(unicode=True))
+        # The session itself runs to tens of MB: only its summary goes back to the benchmark.
+        path.with_suffix(".json").write_text(json.dumps(summarise(session)))
 
 
 def configure(**kwargs: Any) -> None:

@@ -75,13 +75,15 @@ class Stack:
 
     @contextmanager
     def worker(self, broker: str, pool: str, *, concurrency: int = 2,
-               queue: str | None = None, count_postrun: bool = False) -> Iterator[Worker]:
+               queue: str | None = None, count_postrun: bool = False,
+               env: dict[str, str] | None = None) -> Iterator[Worker]:
         """A worker consuming a queue of its own; the publisher is pointed at the same queue.
         The queue (and, on RabbitMQ, its exchange) is deleted afterwards."""
         queue = queue or unique(f"idem-bench-{broker}-{pool}")
         name = unique(f"bench-{pool}")
         ready = self.log_dir / f"{name}.ready"
         env = {
+            **(env or {}),
             bench_app.ENV_BROKER: self.broker_url(broker),
             bench_app.ENV_STORE: self.store.url(STORE_DB),
             bench_app.ENV_ONCE: self.store.url(ONCE_DB),

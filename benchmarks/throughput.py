@@ -20,6 +20,9 @@ from .app import TASKS
 from .stack import Stack, Stalled, interleave, median
 
 CONFIGS = ["plain", "idempotent", "celery-once", "celery-singleton"]
+# Section 1 also runs the floor of the design (plain + three bare store round trips, app.py).
+UNIQUE_CONFIGS = [*CONFIGS, "floor"]
+DUPLICATE_SHARES = [0.0, 0.1, 0.3, 0.5, 0.7]
 TIMEOUT = 300.0
 
 
@@ -90,9 +93,11 @@ def _measure_unique(stack: Stack, worker: Any, *, label: str, items: list[int],
 
 
 def unique_throughput(stack: Stack, *, brokers: list[str], pools: list[str], tasks: int,
-                      rounds: int, warmup: int, log: Any, work_ms: float = 0.0) -> dict[str, Any]:
+                      rounds: int, warmup: int, log: Any, work_ms: float = 0.0,
+                      configs: list[str] | None = None) -> dict[str, Any]:
     """Section 1: ``tasks`` distinct calls per run; ratio of each configuration to plain.
     With ``work_ms``, every task also waits that long (section 1b)."""
+    configs = configs or UNIQUE_CONFIGS
     results: dict[str, Any] = {}
     for broker in brokers:
         for pool in pools:
@@ -100,10 +105,10 @@ def unique_throughput(stack: Stack, *, brokers: list[str], pools: list[str], tas
             log(f"[throughput] {label}: starting worker")
             try:
                 with stack.worker(broker, pool) as worker:
-                    for config in CONFIGS:  # warm-up: connections, scripts, imports
+                    for config in configs:  # warm-up: connections, scripts, imports
                         stack.flush_stores()
                         _run(stack, config, list(range(warmup)), worker, work_ms)
-                    samples = interleave(CONFIGS, rounds, _measure_unique(
+                    samples = interleave(configs, rounds, _measure_unique(
                         stack, worker, label=label, items=list(range(tasks)),
                         work_ms=work_ms, log=log))
             except Stalled as exc:
@@ -117,8 +122,9 @@ def unique_throughput(stack: Stack, *, brokers: list[str], pools: list[str], tas
                 config: {"tasks_per_s": median(samples[config]),
                          "ratio_to_plain": median(samples[config]) / plain,
                          "samples": samples[config]}
-                for config in CONFIGS}
-    return {"tasks_per_run": tasks, "rounds": rounds, "work_ms": work_ms, "results": results}
+                for config in configs}
+    return {"tasks_per_run": tasks, "rounds": rounds, "work_ms": work_ms, "configs": configs,
+            "results": results}
 
 
 def duplicate_sequence(total: int, fraction: float, seed: int) -> list[int]:
@@ -173,7 +179,7 @@ def duplicate_workload(stack: Stack, *, broker: str, pool: str, tasks: int,
                 stack, worker, label=label, items=items, runs=runs, log=log))
             plain = median(samples["plain"])
             results[f"{fraction:.0%}"] = {
-                "publishes": tasks, "distinct_keys": distinct,
+                "share": fraction, "publishes": tasks, "distinct_keys": distinct,
                 "configs": {config: {
                     "publishes_per_s": median(samples[config]),
                     "ratio_to_plain": median(samples[config]) / plain,
@@ -186,5 +192,29 @@ def duplicate_workload(stack: Stack, *, broker: str, pool: str, tasks: int,
                     "already_queued": median([r.already_queued for r in runs[config]]),
                     "messages_sent": median([r.sent for r in runs[config]]),
                     "samples": samples[config],
-                } for config in CONFIGS}}
-    return {"broker": broker, "pool": pool, "rounds": rounds, "results": results}
+                } for config in CONFIGS},
+                # Against the peers, end to end: > 1 means IdempotentTask got through the same
+                # publishes faster.
+                "idempotent_over": {peer: median(samples["idempotent"]) / median(samples[peer])
+                                    for peer in ("celery-once", "celery-singleton")}}
+    return {"broker": broker, "pool": pool, "rounds": rounds, "results": results,
+            "crossover": crossover(
+                [(block["share"], min(block["idempotent_over"].values()))
+                 for block in results.values()])}
+
+
+def crossover(points: list[tuple[float, float]]) -> dict[str, Any]:
+    """The duplicate share from which IdempotentTask stays ahead of the slower-to-beat peer:
+    ``points`` are (share, min ratio over both peers) in increasing share. Linear interpolation
+    between the last share where it was behind (ratio <= 1) and the next one; ``below`` when it
+    is ahead at every share measured, ``above`` when it is behind at the last one."""
+    points = sorted(points)
+    behind = [index for index, (_, ratio) in enumerate(points) if ratio <= 1.0]
+    if not behind:
+        return {"share": None, "where": "below", "text": f"below {points[0][0] * 100:.0f} %"}
+    last = behind[-1]
+    if last == len(points) - 1:
+        return {"share": None, "where": "above", "text": f"above {points[-1][0] * 100:.0f} %"}
+    (s0, r0), (s1, r1) = points[last], points[last + 1]
+    share = s0 + (1.0 - r0) * (s1 - s0) / (r1 - r0)
+    return {"share": share, "where": "at", "text": f"{share * 100:.0f} %"}
