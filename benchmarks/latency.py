@@ -79,10 +79,10 @@ def worker_latency(stack: Stack, *, iterations: int, log: Any) -> dict[str, Any]
         for ref, task_id in pending_refs(BLOCK):
             owner = new_owner_token()
             start = time.perf_counter()
-            store.claim(ref, task_id=task_id, owner=owner, fingerprint="f" * 32,
-                        task_name="bench.latency", lease_ms=LEASE_MS, ttl_ms=TTL_MS)
+            claim = store.claim(ref, task_id=task_id, owner=owner, fingerprint="f" * 16,
+                                task_name="bench.latency", lease_ms=LEASE_MS, ttl_ms=TTL_MS)
             middle = time.perf_counter()
-            store.complete(ref, owner=owner, result=payload, ttl_ms=TTL_MS)
+            store.complete(ref, owner=owner, fence=claim.fence, result=payload, ttl_ms=TTL_MS)
             end = time.perf_counter()
             samples["claim"].append(middle - start)
             samples["complete"].append(end - middle)

@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 
-from celery_idempotency.keys import RecordRef, digest
+from celery_idempotency.keys import RecordRef, fingerprint
 from celery_idempotency.leases import new_owner_token
 from celery_idempotency.outcomes import encode_result
 from celery_idempotency.records import F_STATE
@@ -50,7 +50,7 @@ PENDING_MS = 600_000  # idempotency_pending_timeout's default
 
 def _identity(index: int) -> tuple[RecordRef, str, str]:
     ref = RecordRef(TASK_NAME, str(uuid.uuid4()))
-    return ref, str(uuid.uuid4()), digest(f"order={1_000_000 + index}")
+    return ref, str(uuid.uuid4()), fingerprint({"order_id": 1_000_000 + index})
 
 
 def seed_public(store: RedisKeyStore, start: int, count: int) -> list[str]:
@@ -60,9 +60,10 @@ def seed_public(store: RedisKeyStore, start: int, count: int) -> list[str]:
         ref, task_id, fp = _identity(index)
         store.reserve(ref, task_id=task_id, fingerprint=fp, task_name=TASK_NAME, ttl_ms=TTL_MS)
         owner = new_owner_token()
-        store.claim(ref, task_id=task_id, owner=owner, fingerprint=fp, task_name=TASK_NAME,
-                    lease_ms=LEASE_MS, ttl_ms=TTL_MS)
-        store.complete(ref, owner=owner, result=_result(1_000_000 + index), ttl_ms=TTL_MS)
+        claim = store.claim(ref, task_id=task_id, owner=owner, fingerprint=fp,
+                            task_name=TASK_NAME, lease_ms=LEASE_MS, ttl_ms=TTL_MS)
+        store.complete(ref, owner=owner, fence=claim.fence, result=_result(1_000_000 + index),
+                       ttl_ms=TTL_MS)
         names.append(store.store_key(ref))
     return names
 
@@ -79,9 +80,10 @@ def seed_pipelined(store: RedisKeyStore, start: int, count: int) -> list[str]:
             ref, task_id, fp = _identity(index)
             rows.append((store.store_key(ref), ref, task_id, fp, new_owner_token(),
                          _result(1_000_000 + index)))
+        fences: list[int] = []  # each claim's, for its complete (as the worker passes it)
         for step in ("reserve", "claim", "complete"):
             pipe = store.client.pipeline(transaction=False)
-            for name, ref, task_id, fp, owner, result in rows:
+            for row, (name, ref, task_id, fp, owner, result) in enumerate(rows):
                 if step == "reserve":
                     args = script_args("reserve", task_id=task_id, fingerprint=fp, key=ref.key,
                                        scope=ref.scope, task_name=TASK_NAME, ttl_ms=TTL_MS,
@@ -91,13 +93,16 @@ def seed_pipelined(store: RedisKeyStore, start: int, count: int) -> list[str]:
                                        key=ref.key, scope=ref.scope, task_name=TASK_NAME,
                                        lease_ms=LEASE_MS, ttl_ms=TTL_MS)
                 else:
-                    args = complete_args(owner=owner, result=result, ttl_ms=TTL_MS)
+                    args = complete_args(owner=owner, fence=fences[row], result=result,
+                                         ttl_ms=TTL_MS)
                 scripts[step](keys=[name], args=args, client=pipe)
             replies = pipe.execute()
             expected = {"reserve": b"reserved", "claim": b"claimed", "complete": b"ok"}[step]
             bad = [reply for reply in replies if reply[0] != expected]
             if bad:
                 raise RuntimeError(f"pipelined {step} answered {bad[0]!r}")
+            if step == "claim":
+                fences = [int(reply[1]) for reply in replies]
         names.extend(row[0] for row in rows)
     return names
 

@@ -64,8 +64,8 @@ def _get_latencies(reader: KeyStore, writer: KeyStore, *, waiters: int,
     for _ in range(iterations):
         ref = RecordRef("bench.wakeups", uuid.uuid4().hex)
         owner = new_owner_token()
-        writer.claim(ref, task_id="t", owner=owner, fingerprint="f" * 32,
-                     task_name="bench.wakeups", lease_ms=LEASE_MS, ttl_ms=TTL_MS)
+        fence = writer.claim(ref, task_id="t", owner=owner, fingerprint="f" * 16,
+                             task_name="bench.wakeups", lease_ms=LEASE_MS, ttl_ms=TTL_MS).fence
         returned = [0.0] * waiters
         gate = threading.Barrier(waiters + 1)
 
@@ -86,7 +86,7 @@ def _get_latencies(reader: KeyStore, writer: KeyStore, *, waiters: int,
             time.sleep(0.001)
         time.sleep(0.02 + waiters * 0.003)  # let every waiter reach its wait (a loaded machine)
         start = time.perf_counter()
-        writer.complete(ref, owner=owner, result=payload, ttl_ms=TTL_MS)
+        writer.complete(ref, owner=owner, fence=fence, result=payload, ttl_ms=TTL_MS)
         for thread in threads:
             thread.join()
         samples.extend(moment - start for moment in returned)

@@ -27,7 +27,15 @@ MAX_KEY_LENGTH = 255
 # Nesting allowed in arguments that make a key or fingerprint: far beyond real payloads, well
 # within Python's recursion limit (also in the serializer that encodes the message).
 MAX_ARGUMENT_DEPTH = 100
-_DIGEST_CHARS = 32  # 128 bits of SHA-256: collision-free for any realistic key count
+_DIGEST_CHARS = 32  # 128 bits of SHA-256 (derived keys): collision-free for any realistic count
+# A fingerprint only tells apart two payloads sent under the same key (a client bug), so 64
+# bits do: a miss needs two different payloads under one key *and* a 1-in-2^64 collision. It
+# is stored in every record: 16 bytes saved per record (docs/benchmarks.md, memory).
+_FINGERPRINT_CHARS = 16
+# A record's name: 126 bits of SHA-256 as 21 base64url characters. With the default prefix the
+# name is 28 bytes (``idem:{<21>}``), which Redis allocates in jemalloc's 32-byte class; 32 hex
+# characters made it 39 bytes, allocated 48.
+_RECORD_DIGEST_CHARS = 21
 
 KeyFunc = Callable[[Sequence[Any], Mapping[str, Any]], str]
 
@@ -45,8 +53,14 @@ class RecordRef:
         The user's key never appears in the name, so it can be neither a glob pattern nor an
         unbounded key name; the record keeps the original key in a field instead.
         """
-        digest = hashlib.sha256(f"{self.scope}\x00{self.key}".encode()).hexdigest()
-        return f"{prefix}{{{digest[:_DIGEST_CHARS]}}}"
+        return f"{prefix}{{{record_digest(self.scope, self.key)}}}"
+
+
+def record_digest(scope: str, key: str) -> str:
+    """The hash tag of a record's name: 126 bits of SHA-256 of scope and key, base64url
+    (``A-Z a-z 0-9 - _``: no glob character, no brace)."""
+    raw = hashlib.sha256(f"{scope}\x00{key}".encode()).digest()
+    return base64.urlsafe_b64encode(raw).decode("ascii")[:_RECORD_DIGEST_CHARS]
 
 
 def validate_key(key: object, *, what: str = "idempotency key") -> str:
@@ -165,15 +179,28 @@ def bind_arguments(func: Callable[..., Any] | inspect.Signature | None, args: Se
     return arguments
 
 
-def fingerprint(arguments: Mapping[str, Any]) -> str:
-    """Digest of the canonical bound arguments: the same key must come with the same payload."""
+def arguments_digest(arguments: Mapping[str, Any]) -> str:
+    """128-bit digest of the canonical bound arguments: the key derived from all arguments
+    (`derive_key`), and the fingerprint's source."""
     return digest(canonical_json(dict(arguments)))
+
+
+def fingerprint_of(arguments_digest: str) -> str:
+    """The fingerprint that `arguments_digest` gives (its first 64 bits)."""
+    return arguments_digest[:_FINGERPRINT_CHARS]
+
+
+def fingerprint(arguments: Mapping[str, Any]) -> str:
+    """64-bit digest of the canonical bound arguments: the same key must come with the same
+    payload."""
+    return fingerprint_of(arguments_digest(arguments))
 
 
 def derive_key(arguments: Mapping[str, Any], *, fields: Sequence[str] | None,
                func: KeyFunc | None, args: Sequence[Any], kwargs: Mapping[str, Any],
-               fp: str | None = None) -> str:
-    """Derive a key when the caller gave none: from a callable, a field subset, or everything."""
+               full_digest: str | None = None) -> str:
+    """Derive a key when the caller gave none: from a callable, a field subset, or everything.
+    ``full_digest``: `arguments_digest` of ``arguments``, when already computed."""
     if func is not None:
         return validate_key(func(args, kwargs), what="key returned by idempotency_key_func")
     if fields:
@@ -184,5 +211,6 @@ def derive_key(arguments: Mapping[str, Any], *, fields: Sequence[str] | None,
                 f"(its parameters: {sorted(arguments)!r})")
         selected = {name: arguments[name] for name in fields}
         return "fields:" + digest(canonical_json(selected))
-    # All arguments: the key is the fingerprint (passed in when already computed).
-    return "args:" + (fp if fp is not None else fingerprint(arguments))
+    # All arguments: the whole 128-bit digest (the fingerprint is only its first 64 bits: a
+    # key is an identity, where a collision would replay another payload's outcome).
+    return "args:" + (full_digest if full_digest is not None else arguments_digest(arguments))

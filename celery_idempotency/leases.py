@@ -45,6 +45,7 @@ class _Held:
     ref: RecordRef
     owner: str
     lease_ms: int
+    fence: int
     renewed_at: float = field(default_factory=time.monotonic)
     lost: bool = False
 
@@ -73,10 +74,12 @@ class LeaseKeeper:
         # switch.
         self._wake_at = 0.0
 
-    def hold(self, store: KeyStore, ref: RecordRef, owner: str, lease_ms: int) -> int:
+    def hold(self, store: KeyStore, ref: RecordRef, owner: str, lease_ms: int, *,
+             fence: int) -> int:
+        """Renew ``owner``'s lease of ``ref`` (its claim's ``fence``) until `release`."""
         with self._lock:
             token = next(self._ids)
-            held = self._held[token] = _Held(store, ref, owner, lease_ms)
+            held = self._held[token] = _Held(store, ref, owner, lease_ms, fence)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="idempotency-leases",
                                                 daemon=True)
@@ -154,8 +157,11 @@ class LeaseKeeper:
             record = held.store.get(held.ref)
         except Exception:  # unknown: report the loss (the claim was not renewed)
             return False
-        return record is not None and record.owner == held.owner \
-            and record.state is not KeyState.STARTED
+        if record is None or record.state is KeyState.STARTED:
+            return False
+        if record.state is KeyState.SUCCEEDED:  # keeps no owner token: the claim's fence
+            return record.fence == held.fence
+        return record.owner == held.owner
 
 
 lease_keeper = LeaseKeeper()

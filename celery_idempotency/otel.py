@@ -37,7 +37,6 @@ itself (``idempotency.key``). Counters never carry keys (unbounded cardinality).
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from celery.signals import after_task_publish, before_task_publish
 
 from . import __version__, events
 from .exceptions import ConfigurationError
+from .keys import record_digest
 
 __all__ = ["KEY_ATTRIBUTES", "OUTCOMES", "instrument", "key_digest", "uninstrument"]
 
@@ -78,13 +78,11 @@ LOST_WRITE = "idempotency.lost_write"
 TASK_NAME = "celery.task_name"  # the name opentelemetry-instrumentation-celery uses
 
 _UID = "celery_idempotency.otel"
-_DIGEST_CHARS = 32  # as in keys.RecordRef.store_key: the record's hash tag
-
 
 def key_digest(scope: str, key: str) -> str:
     """The digest spans carry for ``key`` under ``scope``: the hash tag of its record's
     Redis key name."""
-    return hashlib.sha256(f"{scope}\x00{key}".encode()).hexdigest()[:_DIGEST_CHARS]
+    return record_digest(scope, key)
 
 
 @dataclass

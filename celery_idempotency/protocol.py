@@ -385,13 +385,13 @@ class Execution:
                            accept=self.accept_for(self.config.result_serializer),
                            on_store_unavailable=self._step_store_problem,
                            on_lease_expired=self._step_lease_expired)
-        held = lease_keeper.hold(store, ref, owner, self.lease_ms)
+        held = lease_keeper.hold(store, ref, owner, self.lease_ms, fence=claim.fence)
         try:
-            return self._get_function_response(store, owner)
+            return self._get_function_response(store, owner, claim.fence)
         finally:
             lease_keeper.release(held)
 
-    def _get_function_response(self, store: KeyStore, owner: str) -> Any:
+    def _get_function_response(self, store: KeyStore, owner: str, fence: int) -> Any:
         """Run the task under the claim and record its outcome."""
         ref, config = self.ref, self.config
         try:
@@ -406,7 +406,8 @@ class Execution:
                                 max_bytes=config.max_result_bytes, key=ref.key,
                                 task_id=self.task_id)
         self._write("record success",
-                    lambda: store.complete(ref, owner=owner, result=payload, ttl_ms=config.ttl_ms),
+                    lambda: store.complete(ref, owner=owner, fence=fence, result=payload,
+                                           ttl_ms=config.ttl_ms),
                     config.store_write_timeout)
         return result
 

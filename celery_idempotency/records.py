@@ -2,7 +2,10 @@
 
 Both stores keep a record as a flat mapping of short field names to bytes (a Redis hash; a dict
 in the memory store). Short names matter: there is one record per key, for days, so every byte
-of a field name is paid millions of times.
+of a field name is paid millions of times. For the same reason a state is stored as one letter
+(`STATE_CODES`), and a succeeded record keeps only what a replay, the state machine and the CLI
+read: no owner token and no creation time (docs/benchmarks.md, memory, has the layout and its
+cost). Version 0.1.0 is the first layout: there are no older records to read.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from .exceptions import CorruptRecord
 F_KEY = "k"  # the key as the client gave it (or as derived)
 F_SCOPE = "s"
 F_TASK_NAME = "n"  # absent: the same as the scope
-F_STATE = "st"
+F_STATE = "st"  # one letter: STATE_CODES
 F_TASK_ID = "t"
-F_FINGERPRINT = "fp"
-F_OWNER = "o"  # owner token of the current (or last) claim
+F_FINGERPRINT = "fp"  # 16 hex characters (keys.fingerprint)
+F_OWNER = "o"  # owner token of the current (or last) claim; a succeeded record drops it
 F_LEASE = "l"  # lease expiry, ms since the epoch by the store's clock
 F_FENCE = "f"  # fencing counter, bumped by every claim
 F_RESULT = "r"
@@ -33,7 +36,7 @@ F_RESULT_STATUS = "rs"  # absent: stored
 F_ERROR = "e"  # JSON: {"type", "message", "args"}
 F_RETRYABLE = "ry"  # "1": a failed key runs again on the next publish
 F_PENDING_DEADLINE = "pd"  # pending only: unclaimed by then, the message is taken as lost
-F_CREATED = "c"
+F_CREATED = "c"  # a succeeded record drops it (its age counts from F_UPDATED)
 F_UPDATED = "u"
 # Recovery points (`IdempotentTask.step`): one field per recorded step, named this prefix and the
 # step's name, in the record's own hash, so that a step lives and expires with its record and
@@ -58,6 +61,24 @@ class KeyState(str, enum.Enum):
     STARTED = "started"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+
+
+# A record's state as its field holds it: one letter (there is one record per key, for days).
+# Upper case, so that no state reads like a field name in the Lua scripts
+# (tests/store/test_lua_contract.py); _common.lua names the same letters. The `KeyState`
+# values (what users, the CLI and signals see) are never stored.
+STATE_CODES: dict[KeyState, str] = {
+    KeyState.PENDING: "P",
+    KeyState.STARTED: "R",  # running
+    KeyState.SUCCEEDED: "D",  # done
+    KeyState.FAILED: "F",
+}
+_STATE_BY_CODE = {code: state for state, code in STATE_CODES.items()}
+
+
+def state_code(state: KeyState) -> str:
+    """``state`` as a record's F_STATE field holds it."""
+    return STATE_CODES[state]
 
 
 class ResultStatus(str, enum.Enum):
@@ -91,11 +112,19 @@ class Record:
     result_status: ResultStatus
     error: Mapping[str, Any] | None
     retryable: bool
-    created_ms: int
+    #: None once succeeded: a succeeded record does not keep its creation time (bytes per
+    #: record); `since_ms` is then its completion time.
+    created_ms: int | None
     updated_ms: int
     pending_deadline_ms: int | None = None
     #: Names of the recorded steps, sorted (values are not decoded here: see `steps`).
     steps: tuple[str, ...] = ()
+
+    @property
+    def since_ms(self) -> int:
+        """What a record's age counts from: its creation, or for a record that no longer keeps
+        it (succeeded) its last update, i.e. its completion."""
+        return self.created_ms if self.created_ms is not None else self.updated_ms
 
     def lease_expired(self, now_ms: int) -> bool:
         return self.state is KeyState.STARTED and (self.lease_expires_ms or 0) <= now_ms
@@ -190,11 +219,10 @@ def decode_record(store_key: str, fields: Mapping[str, bytes]) -> Record | None:
     if not fields:
         return None
     state_text = _text(fields, F_STATE, store_key)
-    try:
-        state = KeyState(state_text)
-    except ValueError as exc:
+    state = _STATE_BY_CODE.get(state_text)
+    if state is None:
         raise CorruptRecord(f"record {store_key!r} has an unknown state {state_text!r}",
-                            key=store_key) from exc
+                            key=store_key)
     status_text = _text(fields, F_RESULT_STATUS, store_key, DEFAULT_RESULT_STATUS)
     try:
         result_status = ResultStatus(status_text)
@@ -230,7 +258,7 @@ def decode_record(store_key: str, fields: Mapping[str, bytes]) -> Record | None:
         result_status=result_status,
         error=error,
         retryable=fields.get(F_RETRYABLE) == b"1",
-        created_ms=_int(fields, F_CREATED, store_key, 0),
+        created_ms=_int(fields, F_CREATED, store_key) if F_CREATED in fields else None,
         updated_ms=_int(fields, F_UPDATED, store_key, 0),
         pending_deadline_ms=(_int(fields, F_PENDING_DEADLINE, store_key)
                              if F_PENDING_DEADLINE in fields else None),

@@ -47,9 +47,10 @@ from .exceptions import (
 )
 from .keys import (
     RecordRef,
+    arguments_digest,
     bind_arguments,
     derive_key,
-    fingerprint,
+    fingerprint_of,
     signature_of,
     validate_key,
 )
@@ -181,12 +182,12 @@ class IdempotentTask(Task):  # type: ignore[misc]
         if key is None or fp is None:
             # Not needed for a message we published: it carries its key and fingerprint.
             arguments = self._bind(args, kwargs)
-            computed = fingerprint(arguments)
+            computed = arguments_digest(arguments)
             if key is None:
                 key = derive_key(arguments, fields=config.key_fields, func=config.key_func,
-                                 args=args, kwargs=kwargs, fp=computed)
+                                 args=args, kwargs=kwargs, full_digest=computed)
             if fp is None:
-                fp = computed
+                fp = fingerprint_of(computed)
         return KeyTarget(RecordRef(config.scope or self.name, key), fp, config)
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

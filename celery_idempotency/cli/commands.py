@@ -184,7 +184,8 @@ def stats(ctx: click.Context, scopes: tuple[str, ...], progress: bool | None,
             "oldest": None if oldest is None else {
                 "key": oldest.key, "scope": oldest.scope, "state": oldest.state.value,
                 "created": render.iso(oldest.created_ms),
-                "age_s": render.seconds(now - oldest.created_ms)},
+                "since": render.iso(oldest.since_ms),
+                "age_s": render.seconds(now - oldest.since_ms)},
             "memory_bytes": result.memory_bytes,
             "memory_sampled": len(result.sample),
             "elapsed_s": round(elapsed, 3),
@@ -205,7 +206,7 @@ def stats(ctx: click.Context, scopes: tuple[str, ...], progress: bool | None,
     if oldest is not None:
         lines.append(f"oldest:      '{shown(oldest.key)}' "
                      f"(scope '{shown(oldest.scope)}', {oldest.state.value}), "
-                     f"created {render.ago(oldest.created_ms, now)}")
+                     f"{render.since_text(oldest, now)}")
     if result.memory_bytes is not None:
         lines.append(f"memory:      ~{render.size_text(result.memory_bytes)} (MEMORY USAGE of "
                      f"{render.plural(len(result.sample), 'sampled record')} x {result.total})")

@@ -136,7 +136,8 @@ def collect_stats(store: KeyStore, wanted: Filter, now_ms: int, *,
         stats.states[record.state] += 1
         if record.lease_expired(now_ms):
             stats.stale += 1
-        if stats.oldest is None or record.created_ms < stats.oldest.created_ms:
+        # A succeeded record keeps no creation time: its age counts from its completion.
+        if stats.oldest is None or record.since_ms < stats.oldest.since_ms:
             stats.oldest = record
         if seen < MEMORY_SAMPLES:
             stats.sample.append(entry.store_key)

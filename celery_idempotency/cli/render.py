@@ -64,7 +64,9 @@ def summary(entry: Entry, now_ms: int) -> dict[str, Any]:
         "task_name": record.task_name or None,
         "created": iso(record.created_ms),
         "updated": iso(record.updated_ms),
-        "age_s": seconds(now_ms - record.created_ms) if record.created_ms else None,
+        # A succeeded record keeps no creation time ("created": null): its age counts from
+        # its completion ("updated").
+        "age_s": seconds(now_ms - record.since_ms) if record.since_ms else None,
         "lease_expires": iso(record.lease_expires_ms) if lease_left is not None else None,
         "lease_left_s": seconds(lease_left),
         "ttl_s": seconds(entry.ttl_ms),
@@ -77,7 +79,7 @@ def summary(entry: Entry, now_ms: int) -> dict[str, Any]:
 def row(entry: Entry, now_ms: int) -> tuple[str, ...]:
     record = entry.record
     assert record is not None
-    age = format_duration(now_ms - record.created_ms) if record.created_ms else "?"
+    age = format_duration(now_ms - record.since_ms) if record.since_ms else "?"
     return (record.state.value, age, lease_text(record, now_ms), ttl_text(entry.ttl_ms),
             shown(record.task_id), shown(record.scope), shown(record.key))
 
@@ -179,6 +181,13 @@ def ago(ms: int | None, now_ms: int) -> str:
     return f"{iso(ms)} ({relative})"
 
 
+def since_text(record: Record, now_ms: int) -> str:
+    """"created <when>", or for a succeeded record (which keeps no creation time) "succeeded
+    <when>"."""
+    what = "created" if record.created_ms is not None else "succeeded"
+    return f"{what} {ago(record.since_ms, now_ms)}"
+
+
 def show_text(entry: Entry, now_ms: int) -> str:
     record = entry.record
     assert record is not None
@@ -200,7 +209,8 @@ def show_text(entry: Entry, now_ms: int) -> str:
         ("owner", shown(record.owner or "-")),
         ("fence", str(record.fence)),
         ("fingerprint", shown(record.fingerprint)),
-        ("created", ago(record.created_ms, now_ms)),
+        ("created", ago(record.created_ms, now_ms) if record.created_ms is not None
+         else "- (not kept once succeeded)"),
         ("updated", ago(record.updated_ms, now_ms)),
         ("ttl", ttl_text(entry.ttl_ms)),
     ]

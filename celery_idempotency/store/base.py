@@ -37,7 +37,16 @@ from ..exceptions import (
     StoreUnavailable,
 )
 from ..keys import RecordRef
-from ..records import F_FENCE, F_STATE, F_TASK_ID, F_UPDATED, KeyState, Record, decode_record
+from ..records import (
+    F_FENCE,
+    F_STATE,
+    F_TASK_ID,
+    F_UPDATED,
+    KeyState,
+    Record,
+    decode_record,
+    state_code,
+)
 from .wakeups import PollingWatch, Watch
 
 
@@ -178,9 +187,12 @@ class KeyStore(abc.ABC):
         why not. The record then lives ``max(ttl_ms, lease_ms)``."""
 
     @abc.abstractmethod
-    def complete(self, ref: RecordRef, *, owner: str, result: ResultPayload,
+    def complete(self, ref: RecordRef, *, owner: str, fence: int, result: ResultPayload,
                  ttl_ms: int) -> None:
-        """``started`` -> ``succeeded`` with the result. Raises `OwnershipLost`."""
+        """``started`` -> ``succeeded`` with the result, for ``owner``'s claim under ``fence``
+        (`Claim.fence`). Raises `OwnershipLost`. The succeeded record drops the owner token
+        and the creation time; a retried call (the reply was lost) is recognised by the fence,
+        which no other claim ever had."""
 
     @abc.abstractmethod
     def fail(self, ref: RecordRef, *, owner: str, error: str, retryable: bool,
@@ -318,7 +330,7 @@ def step_ownership_lost_error(ref: RecordRef, owner: str, fence: int, record: Re
 
 def unchanged_conditions(record: Record) -> dict[str, str]:
     """Field values that identify this exact version of a record (for compare-and-delete)."""
-    return {F_STATE: record.state.value, F_UPDATED: str(record.updated_ms),
+    return {F_STATE: state_code(record.state), F_UPDATED: str(record.updated_ms),
             F_FENCE: str(record.fence), F_TASK_ID: record.task_id}
 
 

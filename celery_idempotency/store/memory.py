@@ -40,6 +40,7 @@ from ..records import (
     decode_record,
     is_step_field,
     result_meta_fields,
+    state_code,
     step_field,
     task_name_field,
     without_steps,
@@ -64,8 +65,8 @@ from .wakeups import ChangeWatch, Watch
 
 Fields = dict[str, bytes]
 
-# States as stored (bytes, like a Redis hash's values).
-PENDING, STARTED, SUCCEEDED, FAILED = (state.value.encode() for state in KeyState)
+# States as stored (one letter, bytes like a Redis hash's values: records.STATE_CODES).
+PENDING, STARTED, SUCCEEDED, FAILED = (state_code(state).encode() for state in KeyState)
 # What a claim clears: the outcome of the state it leaves, and a pending deadline.
 _CLEARED_BY_CLAIM = (F_RESULT, F_CONTENT_TYPE, F_CONTENT_ENCODING, F_RESULT_STATUS, F_ERROR,
                      F_RETRYABLE, F_PENDING_DEADLINE)
@@ -215,10 +216,10 @@ class MemoryKeyStore(KeyStore):
             return True
 
     def unreserve(self, ref: RecordRef, *, task_id: str) -> bool:
-        return self._discard_if(ref, {F_TASK_ID: task_id, F_STATE: KeyState.PENDING.value})
+        return self._discard_if(ref, {F_TASK_ID: task_id, F_STATE: state_code(KeyState.PENDING)})
 
     def discard(self, ref: RecordRef, *, owner: str) -> bool:
-        return self._discard_if(ref, {F_OWNER: owner, F_STATE: KeyState.STARTED.value})
+        return self._discard_if(ref, {F_OWNER: owner, F_STATE: state_code(KeyState.STARTED)})
 
     def abandon(self, ref: RecordRef, *, task_id: str, owner_prefix: str, requeued: bool,
                 error: str, ttl_ms: int, pending_ms: int) -> bool:
@@ -298,16 +299,25 @@ class MemoryKeyStore(KeyStore):
             return Claim(ClaimStatus.FAILED, record=record)
 
     def _finish(self, ref: RecordRef, owner: str, final: bytes, updates: Fields,
-                ttl_ms: int, action: str, *, keep_steps: bool) -> None:
+                ttl_ms: int, action: str, *, keep_steps: bool,
+                fence: int | None = None) -> None:
+        """``fence``: complete's (a succeeded record has no owner token: a retried complete
+        is recognised by the fence, and the owner token and creation time are dropped)."""
         name = self.store_key(ref)
         with self._lock:
             now = self.now_ms()
             fields = self._live(name, now)
+            if (fence is not None and fields is not None and fields[F_STATE] == final
+                    and fields.get(F_FENCE) == _field(fence)):
+                return  # our own write, retried
             if fields is not None and fields.get(F_OWNER) == _field(owner):
-                if fields[F_STATE] == final:
+                if fence is None and fields[F_STATE] == final:
                     return  # our own write, retried
                 if fields[F_STATE] == STARTED:
                     fields.pop(F_LEASE, None)
+                    if fence is not None:
+                        fields.pop(F_OWNER, None)
+                        fields.pop(F_CREATED, None)
                     fields.update(updates)
                     fields.update(_fields({F_STATE: final, F_UPDATED: now}))
                     if not keep_steps:  # a final outcome: its steps are not needed again
@@ -318,10 +328,12 @@ class MemoryKeyStore(KeyStore):
                     return
             raise ownership_lost_error(ref, owner, self._reply(name, fields), action)
 
-    def complete(self, ref: RecordRef, *, owner: str, result: ResultPayload, ttl_ms: int) -> None:
+    def complete(self, ref: RecordRef, *, owner: str, fence: int, result: ResultPayload,
+                 ttl_ms: int) -> None:
         updates = _fields({F_RESULT: result.data, **result_meta_fields(
             result.content_type, result.content_encoding, result.status)})
-        self._finish(ref, owner, SUCCEEDED, updates, ttl_ms, "complete", keep_steps=False)
+        self._finish(ref, owner, SUCCEEDED, updates, ttl_ms, "complete", keep_steps=False,
+                     fence=fence)
 
     def fail(self, ref: RecordRef, *, owner: str, error: str, retryable: bool,
              ttl_ms: int) -> None:

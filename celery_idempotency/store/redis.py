@@ -33,6 +33,7 @@ from ..records import (
     decode_record,
     fields_from_flat,
     result_meta_fields,
+    state_code,
     step_field,
 )
 from .base import (
@@ -63,8 +64,8 @@ SCRIPT_ARGS: dict[str, tuple[str, ...]] = {
     "reserve": ("task_id", "fingerprint", "key", "scope", "task_name", "ttl_ms", "pending_ms"),
     "claim": ("task_id", "owner", "fingerprint", "key", "scope", "task_name", "lease_ms",
               "ttl_ms"),
-    "complete": ("owner", "result", "content_type", "content_encoding", "result_status",
-                 "ttl_ms"),
+    "complete": ("owner", "fence", "result", "content_type", "content_encoding",
+                 "result_status", "ttl_ms"),
     "fail": ("owner", "error", "retryable", "ttl_ms"),
     "requeue": ("owner", "ttl_ms", "pending_ms"),
     "renew": ("owner", "lease_ms"),
@@ -87,11 +88,11 @@ def script_args(script: str, **values: Any) -> list[Any]:
     return [values[name] for name in names]
 
 
-def complete_args(*, owner: str, result: ResultPayload, ttl_ms: int) -> list[Any]:
+def complete_args(*, owner: str, fence: int, result: ResultPayload, ttl_ms: int) -> list[Any]:
     """complete.lua's ARGV for ``result``: a default content type, encoding or status is passed
     as '' and left out of the record (absent means default: records.py)."""
     meta = result_meta_fields(result.content_type, result.content_encoding, result.status)
-    return script_args("complete", owner=owner, result=result.data,
+    return script_args("complete", owner=owner, fence=str(fence), result=result.data,
                        content_type=meta.get(F_CONTENT_TYPE, ""),
                        content_encoding=meta.get(F_CONTENT_ENCODING, ""),
                        result_status=meta.get(F_RESULT_STATUS, ""), ttl_ms=ttl_ms)
@@ -204,7 +205,7 @@ class RedisKeyStore(KeyStore):
         return outcomes
 
     def unreserve_many(self, reservations: Sequence[tuple[RecordRef, str]]) -> list[bool]:
-        conditions = [(ref, [F_TASK_ID, task_id, F_STATE, KeyState.PENDING.value])
+        conditions = [(ref, [F_TASK_ID, task_id, F_STATE, state_code(KeyState.PENDING)])
                       for ref, task_id in reservations]
         replies = self._run_many("discard", conditions)
         for (ref, _), reply in zip(reservations, replies, strict=True):
@@ -250,7 +251,7 @@ class RedisKeyStore(KeyStore):
         return bool(self._run("discard", ref, args))
 
     def unreserve(self, ref: RecordRef, *, task_id: str) -> bool:
-        return self._discard_if(ref, {F_TASK_ID: task_id, F_STATE: KeyState.PENDING.value})
+        return self._discard_if(ref, {F_TASK_ID: task_id, F_STATE: state_code(KeyState.PENDING)})
 
     def claim(self, ref: RecordRef, *, task_id: str, owner: str, fingerprint: str,
               task_name: str, lease_ms: int, ttl_ms: int) -> Claim:
@@ -270,8 +271,9 @@ class RedisKeyStore(KeyStore):
             raise mismatch_error(ref, record)
         return Claim(ClaimStatus(status), record=record)
 
-    def complete(self, ref: RecordRef, *, owner: str, result: ResultPayload, ttl_ms: int) -> None:
-        reply = self._run("complete", ref, complete_args(owner=owner, result=result,
+    def complete(self, ref: RecordRef, *, owner: str, fence: int, result: ResultPayload,
+                 ttl_ms: int) -> None:
+        reply = self._run("complete", ref, complete_args(owner=owner, fence=fence, result=result,
                                                          ttl_ms=ttl_ms))
         self._check_owner(ref, owner, reply, "complete")
 
@@ -296,13 +298,13 @@ class RedisKeyStore(KeyStore):
                                                         lease_ms=lease_ms)))
 
     def discard(self, ref: RecordRef, *, owner: str) -> bool:
-        return self._discard_if(ref, {F_OWNER: owner, F_STATE: KeyState.STARTED.value})
+        return self._discard_if(ref, {F_OWNER: owner, F_STATE: state_code(KeyState.STARTED)})
 
     def abandon(self, ref: RecordRef, *, task_id: str, owner_prefix: str, requeued: bool,
                 error: str, ttl_ms: int, pending_ms: int) -> bool:
         to_state = KeyState.PENDING if requeued else KeyState.FAILED
         return bool(self._run("abandon", ref, script_args(
-            "abandon", task_id=task_id, owner_prefix=owner_prefix, to_state=to_state.value,
+            "abandon", task_id=task_id, owner_prefix=owner_prefix, to_state=state_code(to_state),
             error=error, ttl_ms=ttl_ms, pending_ms=pending_ms)))
 
     def begin_step(self, ref: RecordRef, *, owner: str, fence: int, name: str,

@@ -86,17 +86,19 @@ def reserve(store: KeyStore, key: str, scope: str = "shop.charge", task_id: str 
 
 
 def claim(store: KeyStore, key: str, scope: str = "shop.charge", *, owner: str = "w1",
-          lease_ms: int = 600_000, task_id: str | None = None) -> None:
-    store.claim(RecordRef(scope, key), task_id=task_id or f"task-{key}", owner=owner,
-                fingerprint="fp", task_name=scope, lease_ms=lease_ms, ttl_ms=DAY_MS)
+          lease_ms: int = 600_000, task_id: str | None = None) -> int:
+    """Claim the key; returns the claim's fence."""
+    return store.claim(RecordRef(scope, key), task_id=task_id or f"task-{key}", owner=owner,
+                       fingerprint="fp", task_name=scope, lease_ms=lease_ms,
+                       ttl_ms=DAY_MS).fence
 
 
 def succeed(store: KeyStore, key: str, scope: str = "shop.charge", *, data: bytes = b'{"ok":1}',
             content_type: str = "application/json") -> None:
-    claim(store, key, scope, owner="w-done")
-    store.complete(RecordRef(scope, key), owner="w-done", ttl_ms=DAY_MS, result=ResultPayload(
-        data, content_type, "utf-8" if content_type == "application/json" else "binary",
-        "stored"))
+    fence = claim(store, key, scope, owner="w-done")
+    encoding = "utf-8" if content_type == "application/json" else "binary"
+    store.complete(RecordRef(scope, key), owner="w-done", fence=fence, ttl_ms=DAY_MS,
+                   result=ResultPayload(data, content_type, encoding, "stored"))
 
 
 def fail(store: KeyStore, key: str, scope: str = "shop.charge", *,

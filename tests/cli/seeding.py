@@ -8,7 +8,7 @@ from collections import Counter
 
 import redis
 
-from celery_idempotency import RecordRef
+from celery_idempotency import KeyState, RecordRef
 from celery_idempotency.records import (
     F_CREATED,
     F_ERROR,
@@ -24,6 +24,7 @@ from celery_idempotency.records import (
     F_TASK_ID,
     F_TASK_NAME,
     F_UPDATED,
+    state_code,
 )
 from tests.support.records import DAY_MS
 
@@ -46,11 +47,15 @@ def seed(client: redis.Redis, count: int, *, prefix: str = "idem:", now_ms: int,
         scope = SCOPES[(i // 4) % 2]
         created = now_ms - i
         fields: dict[str, str | bytes | int] = {
-            F_KEY: f"key-{i:07d}", F_SCOPE: scope, F_TASK_NAME: scope, F_STATE: state,
-            F_TASK_ID: f"task-{i}", F_FINGERPRINT: "fp", F_CREATED: created,
+            F_KEY: f"key-{i:07d}", F_SCOPE: scope, F_TASK_NAME: scope,
+            F_STATE: state_code(KeyState(state)), F_TASK_ID: f"task-{i}", F_FINGERPRINT: "fp",
             F_UPDATED: created}
+        if state != "succeeded":  # a succeeded record keeps neither (its age: F_UPDATED)
+            fields[F_CREATED] = created
         if state != "pending":
-            fields.update({F_OWNER: f"worker-{i % 7}", F_FENCE: 1})
+            fields[F_FENCE] = 1
+        if state in ("started", "failed"):
+            fields[F_OWNER] = f"worker-{i % 7}"
         if state == "started":
             stale = (i // 4) % 2 == 0
             fields[F_LEASE] = now_ms - 60_000 if stale else now_ms + 3_600_000

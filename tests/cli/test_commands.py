@@ -166,8 +166,30 @@ def test_show_prints_the_whole_record_with_the_result_decoded(store: KeyStore) -
     assert document["result"] == {"order_id": 3, "charged": True}
     record = store.get(RecordRef("shop.charge", "order-3"))
     assert record is not None and record.fence >= 1
+    # A succeeded record keeps neither its owner token nor its creation time: its age counts
+    # from its completion.
     assert (document["owner"], document["fingerprint"], document["fence"]) == (
-        "w-done", "fp", record.fence)
+        None, "fp", record.fence)
+    assert document["created"] is None and document["updated"].endswith("Z")
+    assert document["age_s"] is not None and document["age_s"] >= 0
+    assert "created:     - (not kept once succeeded)" in text and "owner:       -\n" in text
+
+
+def test_a_succeeded_records_age_counts_from_its_completion(store: KeyStore) -> None:
+    reserve(store, "old")
+    time.sleep(0.05)
+    succeed(store, "old")
+    reserve(store, "new")
+    rows = by_key(json_lines(invoke(store, "list", "--json").stdout))
+    assert rows["old"]["created"] is None and rows["new"]["created"].endswith("Z")
+    # "old" succeeded before "new" was reserved: the older of the two, by its completion.
+    assert rows["old"]["age_s"] >= rows["new"]["age_s"]
+    assert re.fullmatch(r"\d+(ms|s)", table(invoke(store, "list").stdout)["old"]["AGE"])
+    document = json.loads(invoke(store, "stats", "--json").stdout)
+    assert document["oldest"]["key"] == "old" and document["oldest"]["created"] is None
+    assert document["oldest"]["since"].endswith("Z") and document["oldest"]["age_s"] >= 0
+    assert "oldest:      'old' (scope 'shop.charge', succeeded), succeeded " in \
+        invoke(store, "stats").stdout
 
 
 def test_show_prints_a_cached_error(store: KeyStore) -> None:
@@ -374,7 +396,7 @@ def test_stats_counts_states_stale_leases_and_the_oldest_record(store: KeyStore)
 
 def test_stats_counts_undecodable_records(store: KeyStore) -> None:
     reserve(store, "good")
-    write_raw(store, RecordRef("s", "bad"), {"st": b"pending"})
+    write_raw(store, RecordRef("s", "bad"), {"st": b"P"})
     result = invoke(store, "stats", "--json")
     document = json.loads(result.stdout)
     assert (document["records"], document["undecodable"], document["scanned"]) == (1, 1, 2)

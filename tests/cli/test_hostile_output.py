@@ -13,6 +13,7 @@ import pytest
 from celery_idempotency import KeyStore, RecordRef, RedisKeyStore
 from celery_idempotency.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE
 from celery_idempotency.cli.terminal import json_safe, safe_text, shown
+from celery_idempotency.records import KeyState, state_code
 from tests.cli.conftest import claim, invoke, reserve, run_standalone
 from tests.support.records import write_raw
 from tests.support.services import RedisServer
@@ -32,7 +33,8 @@ RAW = ("\x1b", "\x07", "\x9b", RLO)  # none of these may reach a terminal
 
 def hostile(store: KeyStore, key: str = KEY, *, state: str = "failed") -> None:
     """A record written raw, as a publisher choosing its task id and error message makes it."""
-    fields = {"k": key, "s": SCOPE, "n": TASK_NAME, "st": state, "t": TASK_ID, "fp": "fp",
+    fields = {"k": key, "s": SCOPE, "n": TASK_NAME, "st": state_code(KeyState(state)),
+              "t": TASK_ID, "fp": "fp",
               "o": OWNER, "f": "3", "c": "1700000000000", "u": "1700000000000"}
     if state == "failed":
         fields.update({"e": json.dumps(ERROR), "ry": "0"})
@@ -155,7 +157,7 @@ def test_keys_of_other_types_and_names_that_are_not_utf8_are_counted(
     reserve(redis_store, "good")
     client = redis_store.client
     client.rpush("idem:{a-list}", "x")
-    client.hset(b"idem:{\xff\xfe}", "st", "pending")  # a key name that is not UTF-8
+    client.hset(b"idem:{\xff\xfe}", "st", "P")  # a key name that is not UTF-8
     document = json.loads(invoke(redis_store, "stats", "--json").stdout)
     assert (document["records"], document["foreign"], document["undecodable"]) == (1, 1, 1)
     listed = invoke(redis_store, "list")

@@ -24,6 +24,7 @@ from celery_idempotency import (
     StoreMisconfigured,
     StoreUnavailable,
 )
+from celery_idempotency.records import F_STATE, state_code
 from tests.integration import app as itest
 from tests.integration.app import charge, long_lease, six_second_lease, slow
 from tests.support.integration import (
@@ -117,7 +118,8 @@ def test_a_claim_refused_with_oom_is_not_run_and_not_lost(
     time.sleep(1.5)  # longer than the retry backoff: a second run would show by now
     assert effects.count("charge", order) == 1
     assert len(task_log(worker, sent.id, "succeeded")) == 1
-    assert admin.hget(record_name(charge.name, key), "st") == b"succeeded"
+    assert admin.hget(record_name(charge.name, key), F_STATE) == \
+        state_code(KeyState.SUCCEEDED).encode()
 
 
 def test_the_lease_keeper_survives_refused_renewals_and_keeps_renewing(

@@ -19,7 +19,7 @@ from celery_idempotency import (
     RedisKeyStore,
 )
 from celery_idempotency.store import ClaimStatus, ReserveStatus, ResultPayload
-from tests.support.records import DAY_MS, PENDING_MS, REF, RESULT, write_raw
+from tests.support.records import DAY_MS, PENDING_MS, REF, RESULT, read_raw, write_raw
 
 
 def reserve(store: KeyStore, task_id: str = "t1", fp: str = "fp1", ttl_ms: int = DAY_MS,
@@ -110,8 +110,7 @@ def test_reserve_after_cached_failure_is_duplicate(store: KeyStore) -> None:
 
 def test_reserve_after_success_is_duplicate(store: KeyStore) -> None:
     reserve(store)
-    claim(store)
-    store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+    store.complete(REF, owner="o1", fence=claim(store).fence, result=RESULT, ttl_ms=DAY_MS)
     outcome = reserve(store, task_id="t2")
     assert outcome.status is ReserveStatus.DUPLICATE
     assert outcome.record is not None and outcome.record.state is KeyState.SUCCEEDED
@@ -182,11 +181,11 @@ def test_claim_of_expired_lease_takes_over_with_new_fence(store: KeyStore) -> No
 
 
 def test_late_original_owner_cannot_write_after_takeover(store: KeyStore) -> None:
-    claim(store, owner="o1", lease_ms=50)
+    first = claim(store, owner="o1", lease_ms=50)
     time.sleep(0.1)
     claim(store, task_id="t2", owner="o2")
     with pytest.raises(OwnershipLost) as info:
-        store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+        store.complete(REF, owner="o1", fence=first.fence, result=RESULT, ttl_ms=DAY_MS)
     assert info.value.key == "order-42" and info.value.task_id == "t2"
     with pytest.raises(OwnershipLost):
         store.fail(REF, owner="o1", error="{}", retryable=True, ttl_ms=DAY_MS)
@@ -198,8 +197,7 @@ def test_late_original_owner_cannot_write_after_takeover(store: KeyStore) -> Non
 
 
 def test_claim_of_succeeded_key_returns_the_record(store: KeyStore) -> None:
-    claim(store)
-    store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+    store.complete(REF, owner="o1", fence=claim(store).fence, result=RESULT, ttl_ms=DAY_MS)
     outcome = claim(store, task_id="t2", owner="o2")
     assert outcome.status is ClaimStatus.SUCCEEDED
     assert outcome.record is not None and outcome.record.result == RESULT.data
@@ -239,21 +237,59 @@ def test_claim_with_other_arguments_raises_mismatch(store: KeyStore) -> None:
 # -- complete / fail / requeue / renew / discard ----------------------------------------------
 
 def test_complete_stores_result_and_clears_lease(store: KeyStore) -> None:
-    claim(store)
-    store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+    fence = claim(store).fence
+    store.complete(REF, owner="o1", fence=fence, result=RESULT, ttl_ms=DAY_MS)
     record = store.get(REF)
     assert record is not None
     assert (record.state, record.result, record.content_type, record.lease_expires_ms) == (
         KeyState.SUCCEEDED, RESULT.data, "application/json", None)
-    # Repeating the same owner's write (reply lost, call retried) is harmless.
-    store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+    # Repeating the same claim's write (reply lost, call retried) is harmless: recognised by
+    # the fence, as the owner token is gone.
+    store.complete(REF, owner="o1", fence=fence, result=RESULT, ttl_ms=DAY_MS)
+    assert store.get(REF) == record
+
+
+def test_a_succeeded_record_keeps_no_owner_and_no_creation_time(store: KeyStore) -> None:
+    reserve(store)
+    fence = claim(store).fence
+    store.complete(REF, owner="o1", fence=fence, result=RESULT, ttl_ms=DAY_MS)
+    record = store.get(REF)
+    assert record is not None and record.state is KeyState.SUCCEEDED
+    # Bytes per record: what a replay, the state machine and the CLI do not need goes.
+    assert (record.owner, record.created_ms, record.fence) == (None, None, fence)
+    assert record.since_ms == record.updated_ms > 0
+    assert (record.key, record.scope, record.task_id, record.fingerprint) == (
+        "order-42", "tasks.charge", "t1", "fp1")
+
+
+def test_a_succeeded_record_holds_only_the_fields_it_still_needs(store: KeyStore) -> None:
+    """The layout of docs/benchmarks.md (memory): key, scope, one-letter state, task id,
+    fingerprint, fence, completion time and result; the task name only when it is not the
+    scope. Both stores write it alike."""
+    reserve(store)
+    store.complete(REF, owner="o1", fence=claim(store).fence, result=RESULT, ttl_ms=DAY_MS)
+    fields = read_raw(store, REF)
+    assert sorted(fields) == sorted(["k", "s", "st", "t", "fp", "f", "u", "r"])
+    assert fields["st"] == b"D" and fields["k"] == b"order-42"
+
+
+def test_complete_under_another_fence_is_refused_once_succeeded(store: KeyStore) -> None:
+    """Only the claim that wrote the success may repeat it: the same owner token under another
+    fence (or another owner under any fence) is not that claim."""
+    fence = claim(store).fence
+    store.complete(REF, owner="o1", fence=fence, result=RESULT, ttl_ms=DAY_MS)
+    for owner, other in (("o1", fence + 1), ("o2", fence - 1), ("o2", 0)):
+        with pytest.raises(OwnershipLost, match="succeeded"):
+            store.complete(REF, owner=owner, fence=other, result=RESULT, ttl_ms=DAY_MS)
+    record = store.get(REF)
+    assert record is not None and record.result == RESULT.data
 
 
 def test_complete_keeps_non_default_content_type_and_status(store: KeyStore) -> None:
-    claim(store)
+    fence = claim(store).fence
     payload = ResultPayload(b"\x80\x04K\x01.", "application/x-python-serialize", "binary",
                             "stored")
-    store.complete(REF, owner="o1", result=payload, ttl_ms=DAY_MS)
+    store.complete(REF, owner="o1", fence=fence, result=payload, ttl_ms=DAY_MS)
     record = store.get(REF)
     assert record is not None
     assert (record.content_type, record.content_encoding, record.result) == (
@@ -261,9 +297,9 @@ def test_complete_keeps_non_default_content_type_and_status(store: KeyStore) -> 
 
 
 def test_complete_without_result_keeps_the_success(store: KeyStore) -> None:
-    claim(store)
-    store.complete(REF, owner="o1", result=ResultPayload(b"", "application/json", "utf-8",
-                                                         "unserializable"), ttl_ms=DAY_MS)
+    fence = claim(store).fence
+    store.complete(REF, owner="o1", fence=fence, result=ResultPayload(
+        b"", "application/json", "utf-8", "unserializable"), ttl_ms=DAY_MS)
     record = store.get(REF)
     assert record is not None and record.state is KeyState.SUCCEEDED
     assert record.result_status.value == "unserializable"
@@ -272,13 +308,14 @@ def test_complete_without_result_keeps_the_success(store: KeyStore) -> None:
 def test_complete_of_a_pending_record_is_refused(store: KeyStore) -> None:
     reserve(store)
     with pytest.raises(OwnershipLost):
-        store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+        # Fence 0 is a pending record's: the fence alone never makes a write ours.
+        store.complete(REF, owner="o1", fence=0, result=RESULT, ttl_ms=DAY_MS)
     assert state(store) is KeyState.PENDING
 
 
 def test_complete_of_a_missing_record_is_refused(store: KeyStore) -> None:
     with pytest.raises(OwnershipLost, match="gone"):
-        store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+        store.complete(REF, owner="o1", fence=1, result=RESULT, ttl_ms=DAY_MS)
     assert store.get(REF) is None
 
 
@@ -329,8 +366,8 @@ def test_records_expire_after_their_ttl(store: KeyStore) -> None:
     assert state(store) is KeyState.PENDING
     time.sleep(0.2)
     assert store.get(REF) is None
-    claim(store, ttl_ms=100, lease_ms=100)
-    store.complete(REF, owner="o1", result=RESULT, ttl_ms=150)
+    fence = claim(store, ttl_ms=100, lease_ms=100).fence
+    store.complete(REF, owner="o1", fence=fence, result=RESULT, ttl_ms=150)
     assert state(store) is KeyState.SUCCEEDED
     time.sleep(0.25)
     assert store.get(REF) is None
@@ -370,8 +407,7 @@ def test_entries_stream_every_record_with_its_ttl(store: KeyStore) -> None:
 
 
 def test_entries_without_result_leave_out_only_the_payload(store: KeyStore) -> None:
-    claim(store)
-    store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+    store.complete(REF, owner="o1", fence=claim(store).fence, result=RESULT, ttl_ms=DAY_MS)
     [full] = store.entries()
     [light] = store.entries(with_result=False)
     assert full.record is not None and full.record.result == RESULT.data
@@ -425,14 +461,14 @@ def test_undecodable_record_raises_error_naming_the_key(store: KeyStore) -> None
 
 def test_deeply_nested_error_is_corrupt_record_not_recursion_error(store: KeyStore) -> None:
     nested = b"[" * 100_000 + b"]" * 100_000  # hand-made: json.loads recurses past the limit
-    write_raw(store, REF, {"k": b"order-42", "s": b"tasks.charge", "st": b"failed",
+    write_raw(store, REF, {"k": b"order-42", "s": b"tasks.charge", "st": b"F",
                            "t": b"t1", "fp": b"fp1", "e": nested})
     with pytest.raises(CorruptRecord, match="undecodable error"):
         store.get(REF)
 
 
 def test_record_missing_fields_raises_error(store: KeyStore) -> None:
-    write_raw(store, REF, {"st": b"pending"})
+    write_raw(store, REF, {"st": b"P"})
     with pytest.raises(CorruptRecord, match="no field"):
         store.get(REF)
 
@@ -493,10 +529,10 @@ def test_abandon_of_a_revoked_pending_task_needs_no_owner(store: KeyStore) -> No
 
 
 def test_abandon_leaves_finished_records_and_other_owners_alone(store: KeyStore) -> None:
-    claim(store, task_id="t1", owner="h1:1f.abc")
+    fence = claim(store, task_id="t1", owner="h1:1f.abc").fence
     assert store.abandon(REF, task_id="t1", owner_prefix="", requeued=False, error=LOST,
                          ttl_ms=DAY_MS, pending_ms=PENDING_MS) is False
-    store.complete(REF, owner="h1:1f.abc", result=RESULT, ttl_ms=DAY_MS)
+    store.complete(REF, owner="h1:1f.abc", fence=fence, result=RESULT, ttl_ms=DAY_MS)
     assert store.abandon(REF, task_id="t1", owner_prefix="h1:1f.", requeued=False, error=LOST,
                          ttl_ms=DAY_MS, pending_ms=PENDING_MS) is False
     assert state(store) is KeyState.SUCCEEDED
@@ -657,7 +693,7 @@ def test_fence_is_higher_after_the_record_expired(store: KeyStore) -> None:
 
 def test_fence_is_higher_after_unreserve_and_reserve_again(store: KeyStore) -> None:
     first = claim(store, owner="o1")
-    store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+    store.complete(REF, owner="o1", fence=first.fence, result=RESULT, ttl_ms=DAY_MS)
     seen = store.get(REF)
     assert seen is not None and store.delete_if_unchanged(seen)
     reserve(store, task_id="t2")

@@ -84,8 +84,8 @@ OPS = [
     Op("claim_new", lambda s: None, lambda s: s.claim(
         REF, task_id="t1", owner=OWNER, fingerprint="fp1", task_name="tasks.charge",
         lease_ms=60_000, ttl_ms=DAY_MS)),
-    Op("complete", _claimed, lambda s: s.complete(REF, owner=OWNER, result=RESULT,
-                                                  ttl_ms=DAY_MS)),
+    Op("complete", _claimed_with_fence, lambda s: s.complete(
+        REF, owner=OWNER, fence=_fence(s), result=RESULT, ttl_ms=DAY_MS)),
     Op("fail", _claimed, lambda s: s.fail(REF, owner=OWNER, error='{"type":"E"}',
                                           retryable=True, ttl_ms=DAY_MS)),
     Op("requeue", _claimed, lambda s: s.requeue(REF, owner=OWNER, pending_ms=60_000)),

@@ -30,16 +30,17 @@ class FlakyRenewals(MemoryKeyStore):
         return renewed
 
 
-def _claim(store: MemoryKeyStore, lease_ms: int) -> None:
-    store.claim(REF, task_id="t1", owner="o1", fingerprint="fp", task_name="tasks.charge",
-                lease_ms=lease_ms, ttl_ms=60_000)
+def _claim(store: MemoryKeyStore, lease_ms: int) -> int:
+    """Claim REF as "o1"; returns the claim's fence."""
+    return store.claim(REF, task_id="t1", owner="o1", fingerprint="fp",
+                       task_name="tasks.charge", lease_ms=lease_ms, ttl_ms=60_000).fence
 
 
 def test_the_keeper_survives_a_raw_exception_and_renews_again(caplog: Any) -> None:
     store = FlakyRenewals(failures=2)
-    _claim(store, lease_ms=300)
+    fence = _claim(store, lease_ms=300)
     keeper = LeaseKeeper()
-    token = keeper.hold(store, REF, "o1", 300)
+    token = keeper.hold(store, REF, "o1", 300, fence=fence)
     try:
         assert store.renewed.wait(10), "never renewed after the errors"
         thread = keeper._thread

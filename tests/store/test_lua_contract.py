@@ -9,13 +9,13 @@ import re
 
 import pytest
 
-from celery_idempotency.records import ALL_FIELDS
+from celery_idempotency.records import ALL_FIELDS, STATE_CODES, KeyState
 from celery_idempotency.store.redis import _SCRIPTS, SCRIPT_ARGS
 
 LUA = importlib.resources.files("celery_idempotency.store").joinpath("lua")
-# Quoted words in the scripts that are not field names: commands, states, replies.
+# Quoted words in the scripts that are not field names: commands, stored states, replies.
 NOT_FIELDS = {"TIME", "HGETALL", "HGET", "HMGET", "HSET", "HDEL", "DEL", "EXISTS", "PTTL",
-              "PEXPIRE", "%.0f", "pending", "started", "succeeded", "failed", "claimed",
+              "PEXPIRE", "%.0f", *STATE_CODES.values(), "succeeded", "failed", "claimed",
               "taken_over", "busy", "mismatch", "ok", "lost", "reserved", "duplicate", "stale",
               "", "0", "1"}
 
@@ -58,6 +58,23 @@ def test_each_script_names_its_argv_once_at_the_top_in_the_python_order(script: 
 def test_scripts_write_only_fields_that_records_defines(script: str) -> None:
     quoted = set(re.findall(r"'([^']*)'", _code(script)))
     assert quoted - NOT_FIELDS <= set(ALL_FIELDS), quoted - NOT_FIELDS - set(ALL_FIELDS)
+
+
+def test_the_scripts_name_the_stored_states_as_records_defines_them() -> None:
+    """_common.lua spells each state's letter once; no script writes or compares a state
+    otherwise (a public name such as 'pending' would never match a record)."""
+    match = re.search(r"^local PENDING, STARTED, SUCCEEDED, FAILED = (.*)$", _code("_common"),
+                      re.MULTILINE)
+    assert match, "_common.lua names the states"
+    letters = re.findall(r"'([^']*)'", match.group(1))
+    assert letters == [STATE_CODES[state] for state in (
+        KeyState.PENDING, KeyState.STARTED, KeyState.SUCCEEDED, KeyState.FAILED)]
+    assert not set(letters) & set(ALL_FIELDS), "a state letter reads like a field name"
+    for script in SCRIPT_ARGS:
+        code = _code(script)
+        assert not re.search(r"'pending'|'started'", code), f"{script}.lua: a public state name"
+        assert not set(re.findall(r"'([A-Z])'", code)) & set(letters), \
+            f"{script}.lua spells a state letter instead of its name"
 
 
 def test_every_shared_function_is_used_by_some_script() -> None:

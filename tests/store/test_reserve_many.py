@@ -71,9 +71,11 @@ def test_batch_answers_exactly_as_reserve_would_for_each_existing_state(
     is STALE, a retryable failure is reserved anew, the same task's retry is RESERVED."""
     store.reserve(RecordRef("tasks.charge", "done"), task_id="d", fingerprint="fp1",
                   task_name="tasks.charge", ttl_ms=DAY_MS)
-    store.claim(RecordRef("tasks.charge", "done"), task_id="d", owner="o", fingerprint="fp1",
-                task_name="tasks.charge", lease_ms=60_000, ttl_ms=DAY_MS)
-    store.complete(RecordRef("tasks.charge", "done"), owner="o", result=RESULT, ttl_ms=DAY_MS)
+    done = store.claim(RecordRef("tasks.charge", "done"), task_id="d", owner="o",
+                       fingerprint="fp1", task_name="tasks.charge", lease_ms=60_000,
+                       ttl_ms=DAY_MS)
+    store.complete(RecordRef("tasks.charge", "done"), owner="o", fence=done.fence, result=RESULT,
+                   ttl_ms=DAY_MS)
     store.reserve(RecordRef("tasks.charge", "stale"), task_id="s", fingerprint="fp1",
                   task_name="tasks.charge", ttl_ms=DAY_MS)
     store.claim(RecordRef("tasks.charge", "stale"), task_id="s", owner="o", fingerprint="fp1",

@@ -102,6 +102,11 @@ class StoreMachine(RuleBasedStateMachine):
             name: dict.fromkeys(KEYS, 0) for name in self.stores}
         # The owner whose claim is live, per key (leases only end when a rule ends them).
         self.live_owner: dict[RecordRef, str | None] = dict.fromkeys(KEYS)
+        # The fence of each owner's last claim per store (what a worker passes to complete),
+        # and who claimed each key last (a succeeded record no longer names its owner).
+        self.claim_fence: dict[str, dict[tuple[RecordRef, str], int]] = {
+            name: {} for name in self.stores}
+        self.last_claimer: dict[RecordRef, str | None] = dict.fromkeys(KEYS)
 
     def teardown(self) -> None:
         self.redis.close()
@@ -165,9 +170,12 @@ class StoreMachine(RuleBasedStateMachine):
         self.live_owner[ref] = None
 
     def writer(self, ref: RecordRef, owner: str, holder: bool) -> str:
-        """``owner``, or with ``holder`` the owner named in the record (live or not)."""
+        """``owner``, or with ``holder`` the owner named in the record (live or not), or for a
+        record that names none (succeeded) the last claimer."""
         record = self.record(ref)
-        return record.owner if holder and record is not None and record.owner else owner
+        if not holder or record is None:
+            return owner
+        return record.owner or self.last_claimer[ref] or owner
 
     # -- publish ---------------------------------------------------------------------------
 
@@ -203,7 +211,9 @@ class StoreMachine(RuleBasedStateMachine):
         if reply is IdempotencyKeyMismatch or reply.status not in (ClaimStatus.CLAIMED,
                                                                   ClaimStatus.TAKEN_OVER):
             return
+        self.last_claimer[ref] = owner
         for name, claim in replies.items():
+            self.claim_fence[name][(ref, owner)] = claim.fence
             held = before[name]
             if self.holds(held, owner):  # its own claim, asked again: the same fence
                 assert held is not None and claim.fence == held.fence, (name, claim, held)
@@ -219,8 +229,11 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(ref=keys, owner=owners, holder=as_holder)
     def complete(self, ref: RecordRef, owner: str, holder: bool) -> None:
         owner = self.writer(ref, owner, holder)
+        # Each store's own fence of the owner's last claim (0: it never claimed).
+        fences = {id(store): self.claim_fence[name].get((ref, owner), 0)
+                  for name, store in self.stores.items()}
         self.finish(ref, owner, KeyState.SUCCEEDED, lambda s: s.complete(
-            ref, owner=owner, result=RESULT, ttl_ms=DAY))
+            ref, owner=owner, fence=fences[id(s)], result=RESULT, ttl_ms=DAY))
 
     @rule(ref=keys, owner=owners, holder=as_holder, retryable=st.booleans())
     def fail(self, ref: RecordRef, owner: str, holder: bool, retryable: bool) -> None:
@@ -232,7 +245,11 @@ class StoreMachine(RuleBasedStateMachine):
                call: Callable[[KeyStore], Any]) -> None:
         before = self.snapshot(ref)
         record = before["memory"]
-        repeated = record is not None and record.owner == owner and record.state is final
+        if final is KeyState.SUCCEEDED:  # no owner kept: the fence of the owner's claim
+            repeated = (record is not None and record.state is final
+                        and record.fence == self.claim_fence["memory"].get((ref, owner)))
+        else:
+            repeated = record is not None and record.owner == owner and record.state is final
         reply = self.agree(self.both(call), final.value)
         if self.holds(record, owner):
             assert reply is None

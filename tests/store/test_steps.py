@@ -165,7 +165,7 @@ def test_begin_and_save_refuse_a_key_that_is_not_started(store: KeyStore) -> Non
     with pytest.raises(OwnershipLost, match="pending"):
         begin(store, "o1", 0)
     fence = claim(store)
-    store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+    store.complete(REF, owner="o1", fence=fence, result=RESULT, ttl_ms=DAY_MS)
     with pytest.raises(OwnershipLost, match="succeeded"):
         save(store, "o1", fence)
     assert store.get(REF).steps == ()  # type: ignore[union-attr]
@@ -176,7 +176,7 @@ def test_begin_and_save_refuse_a_key_that_is_not_started(store: KeyStore) -> Non
 def test_success_drops_the_steps(store: KeyStore) -> None:
     fence = claimed_with_step(store)
     save(store, "o1", fence, name="order")
-    store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+    store.complete(REF, owner="o1", fence=fence, result=RESULT, ttl_ms=DAY_MS)
     record = store.get(REF)
     assert record is not None and record.state is KeyState.SUCCEEDED and record.steps == ()
     assert record.result == RESULT.data
@@ -328,7 +328,7 @@ def test_hostile_step_names_are_just_names(store: KeyStore) -> None:
         KeyState.STARTED, "o1", fence, REF.key)
     assert record.lease_expires_ms is not None
     assert sorted(record.steps) == sorted(HOSTILE_NAMES)
-    store.complete(REF, owner="o1", result=RESULT, ttl_ms=DAY_MS)
+    store.complete(REF, owner="o1", fence=fence, result=RESULT, ttl_ms=DAY_MS)
     assert store.get(REF).steps == ()  # type: ignore[union-attr]
 
 

@@ -65,7 +65,7 @@ def round_trip(url: str) -> RedisKeyStore:
     claim = store.claim(ref, task_id="t1", owner="o1", fingerprint="fp", task_name="tls.task",
                         lease_ms=60_000, ttl_ms=60_000)
     assert claim.status is ClaimStatus.CLAIMED
-    store.complete(ref, owner="o1", result=RESULT, ttl_ms=60_000)
+    store.complete(ref, owner="o1", fence=claim.fence, result=RESULT, ttl_ms=60_000)
     record = store.get(ref)
     assert record is not None and record.state is KeyState.SUCCEEDED
     return store

@@ -39,6 +39,13 @@ def _claim(store: KeyStore, ref: RecordRef = REF, owner: str = OWNER) -> None:
                 lease_ms=60_000, ttl_ms=DAY_MS)
 
 
+def _complete(store: KeyStore, ref: RecordRef = REF, owner: str = OWNER) -> None:
+    """Complete under the fence of the claim `_claim` made."""
+    record = store.get(ref)
+    assert record is not None
+    store.complete(ref, owner=owner, fence=record.fence, result=RESULT, ttl_ms=DAY_MS)
+
+
 def _delete_as_operator(store: KeyStore) -> None:
     record = store.get(REF)
     assert record is not None
@@ -46,7 +53,7 @@ def _delete_as_operator(store: KeyStore) -> None:
 
 
 WAKING_WRITES: dict[str, Callable[[KeyStore], Any]] = {
-    "complete": lambda s: s.complete(REF, owner=OWNER, result=RESULT, ttl_ms=DAY_MS),
+    "complete": _complete,
     "fail": lambda s: s.fail(REF, owner=OWNER, error=ERROR, retryable=False, ttl_ms=DAY_MS),
     "discard": lambda s: s.discard(REF, owner=OWNER),
     "abandon": lambda s: s.abandon(REF, task_id="t1", owner_prefix=owner_prefix(4242),
@@ -79,9 +86,9 @@ def test_a_write_to_another_key_does_not_wake_the_watch(store: KeyStore) -> None
     _claim(store)
     _claim(store, OTHER)
     with store.watch(REF) as watch:
-        store.complete(OTHER, owner=OWNER, result=RESULT, ttl_ms=DAY_MS)
+        _complete(store, OTHER)
         assert watch.wait(0.3) is False
-        store.complete(REF, owner=OWNER, result=RESULT, ttl_ms=DAY_MS)
+        _complete(store)
         assert watch.wait(WAKE_TIMEOUT) is True
 
 
@@ -128,7 +135,7 @@ def test_get_returns_the_outcome_written_while_it_waits(store: KeyStore, outcome
         wait_until(lambda: _subscribers(store.client, REF) == 1,
                    "the waiters to subscribe (one shared subscription)")
     if outcome == "success":
-        store.complete(REF, owner=OWNER, result=RESULT, ttl_ms=DAY_MS)
+        _complete(store)
         assert [w.outcome() for w in waiters] == [{"ok": True}] * 5
     else:
         store.fail(REF, owner=OWNER, error=ERROR, retryable=False, ttl_ms=DAY_MS)
@@ -146,7 +153,7 @@ def test_get_keeps_waiting_after_a_deletion_and_returns_the_next_outcome(
     store.discard(REF, owner=OWNER)
     assert waiter.thread.is_alive()
     _claim(store, owner=OWNER + "2")
-    store.complete(REF, owner=OWNER + "2", result=RESULT, ttl_ms=DAY_MS)
+    _complete(store, owner=OWNER + "2")
     assert waiter.outcome() == {"ok": True}
 
 
@@ -173,7 +180,7 @@ def test_the_memory_store_forgets_a_key_nobody_watches() -> None:
     store = MemoryKeyStore(prefix=PREFIX)
     _claim(store)
     with store.watch(REF) as watch:
-        store.complete(REF, owner=OWNER, result=RESULT, ttl_ms=DAY_MS)
+        _complete(store)
         assert watch.wait(WAKE_TIMEOUT) is True
     assert store._watched == {}, "no bookkeeping left for unwatched keys"
 
@@ -194,7 +201,7 @@ def test_waiters_get_the_outcome_written_after_the_store_restarted(
         wait_until(lambda: _subscribers(own_redis.client(), REF) == 1,
                    "the subscription to come back after the restart")
         assert all(w.thread.is_alive() for w in waiters), "still waiting: no outcome yet"
-        store.complete(REF, owner=OWNER, result=RESULT, ttl_ms=DAY_MS)
+        _complete(store)
         assert [w.outcome() for w in waiters] == [{"ok": True}] * 3
     finally:
         store.close()
@@ -211,7 +218,7 @@ def test_an_outcome_written_while_the_subscription_is_down_is_not_missed(
         waiter = Waiter(_handle(store))
         wait_until(lambda: _subscribers(own_redis.client(), REF) == 1, "the waiter to subscribe")
         own_redis.restart(keep_data=True)
-        writer.complete(REF, owner=OWNER, result=RESULT, ttl_ms=DAY_MS)
+        _complete(writer)
         assert waiter.outcome() == {"ok": True}
     finally:
         writer.close()
@@ -248,7 +255,7 @@ def test_without_pubsub_permissions_writes_work_and_waiters_poll(
             wait_until(lambda: store._waker is not None and store._waker.forbidden,
                        "the subscription to be refused")
             assert not watch.live
-        store.complete(REF, owner=OWNER, result=RESULT, ttl_ms=DAY_MS)
+        _complete(store)
         assert waiter.outcome() == {"ok": True}
         with store.watch(REF) as later:
             assert not later.live, "a refused store is not asked again"
@@ -264,7 +271,7 @@ def test_the_optional_pubsub_permissions_are_enough_to_wake_waiters(
         _claim(store)
         with store.watch(REF) as watch:
             assert watch.live
-            store.complete(REF, owner=OWNER, result=RESULT, ttl_ms=DAY_MS)
+            _complete(store)
             assert watch.wait(WAKE_TIMEOUT) is True
     finally:
         store.close()
@@ -294,7 +301,7 @@ def test_watches_of_one_key_share_one_read_per_wake_up(redis_store: RedisKeyStor
         return redis_store.get(REF)
 
     try:
-        redis_store.complete(REF, owner=OWNER, result=RESULT, ttl_ms=DAY_MS)
+        _complete(redis_store)
         assert all(watch.wait(WAKE_TIMEOUT) for watch in watches)
         records = [watch.read(fetch) for watch in watches]
         assert len(reads) == 1

@@ -24,6 +24,15 @@ def write_raw(store: KeyStore, ref: RecordRef, fields: dict[str, bytes]) -> None
         store.client.hset(store.store_key(ref), mapping=fields)
 
 
+def read_raw(store: KeyStore, ref: RecordRef) -> dict[str, bytes]:
+    """The record's fields as stored (names decoded), bypassing the decoder."""
+    name = store.store_key(ref)
+    if isinstance(store, MemoryKeyStore):
+        return dict(store._records.get(name, {}))
+    assert isinstance(store, RedisKeyStore)
+    return {field.decode(): value for field, value in store.client.hgetall(name).items()}
+
+
 def take_claim_away(store: KeyStore, ref: RecordRef) -> None:
     """What an operator's release followed by another task's claim does to a running task: the
     record is deleted and claimed by ``other``, so the running task's next write is refused."""

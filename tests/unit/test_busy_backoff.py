@@ -61,6 +61,13 @@ def _owned(lease_ms: int) -> MemoryKeyStore:
     return store
 
 
+def _fence(store: MemoryKeyStore) -> int:
+    """The fence of the claim `_owned` made."""
+    record = store.get(REF)
+    assert record is not None
+    return record.fence
+
+
 def _resend_of(execution: Execution) -> Resent:
     with pytest.raises(Resent) as info:
         execution.execute()
@@ -110,8 +117,8 @@ def test_a_first_look_waits_for_the_owners_outcome_and_replays_it(
             break
         duplicate.join(0.005)
     assert waiting.is_set(), "the duplicate waited for the owner"
-    store.complete(REF, owner="o1", result=ResultPayload(b'{"rows": 3}', "application/json",
-                                                          "utf-8", "stored"), ttl_ms=DAY_MS)
+    rows = ResultPayload(b'{"rows": 3}', "application/json", "utf-8", "stored")
+    store.complete(REF, owner="o1", fence=_fence(store), result=rows, ttl_ms=DAY_MS)
     duplicate.join(30)
     assert box == {"value": {"rows": 3}}
     assert "looking again" not in caplog.text

@@ -45,6 +45,16 @@ def test_positional_keyword_and_defaults_give_the_same_key_and_fingerprint() -> 
     assert len(keys) == 1 and len(fingerprints) == 1
 
 
+def test_fingerprints_are_64_bits_and_keys_from_all_arguments_128() -> None:
+    arguments = bind_arguments(charge, (42,), {})
+    fp = fingerprint(arguments)
+    key = key_of(charge, 42)
+    assert re.fullmatch(r"[0-9a-f]{16}", fp)
+    # The derived key is an identity: the whole 128-bit digest, of which the fingerprint is
+    # the first half.
+    assert re.fullmatch(r"args:[0-9a-f]{32}", key) and key[len("args:"):].startswith(fp)
+
+
 def test_different_arguments_give_different_keys() -> None:
     assert key_of(charge, 42) != key_of(charge, 43)
     assert key_of(charge, 42) != key_of(charge, 42, currency="USD")
@@ -148,7 +158,10 @@ def test_valid_keys_are_accepted_unchanged() -> None:
 def test_store_keys_are_bounded_cluster_safe_and_free_of_the_user_key() -> None:
     long_key = "k" * MAX_KEY_LENGTH
     name = RecordRef("tasks.charge", long_key).store_key("idem:")
-    assert len(name) == len("idem:") + 34
+    # 21 base64url characters (126 bits): 28 bytes with the default prefix, which Redis
+    # allocates in jemalloc's 32-byte class.
+    assert len(name) == len("idem:") + 23 == 28
+    assert re.fullmatch(r"idem:\{[A-Za-z0-9_-]{21}\}", name)
     assert name.count("{") == 1 and name.endswith("}")
     assert long_key not in name
     assert RecordRef("*", "?").store_key("p:").startswith("p:{")

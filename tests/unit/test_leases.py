@@ -15,11 +15,12 @@ from celery_idempotency.leases import LeaseKeeper, new_owner_token, owner_prefix
 from tests.support.records import REF, RESULT
 
 
-def claimed(lease_ms: int) -> tuple[MemoryKeyStore, str]:
+def claimed(lease_ms: int) -> tuple[MemoryKeyStore, str, int]:
+    """A store holding REF claimed: the store, the owner token and the claim's fence."""
     store, owner = MemoryKeyStore(), new_owner_token()
-    store.claim(REF, task_id="t1", owner=owner, fingerprint="fp", task_name="n",
-                lease_ms=lease_ms, ttl_ms=60_000)
-    return store, owner
+    claim = store.claim(REF, task_id="t1", owner=owner, fingerprint="fp", task_name="n",
+                        lease_ms=lease_ms, ttl_ms=60_000)
+    return store, owner, claim.fence
 
 
 def test_owner_tokens_name_the_process() -> None:
@@ -28,9 +29,9 @@ def test_owner_tokens_name_the_process() -> None:
 
 
 def test_a_held_lease_is_renewed_past_its_original_expiry() -> None:
-    store, owner = claimed(300)
+    store, owner, fence = claimed(300)
     keeper = LeaseKeeper()
-    token = keeper.hold(store, REF, owner, 300)
+    token = keeper.hold(store, REF, owner, 300, fence=fence)
     time.sleep(0.6)  # twice the lease: without renewals another claim would take over
     record = store.get(REF)
     assert record is not None and record.lease_expires_ms is not None
@@ -39,9 +40,9 @@ def test_a_held_lease_is_renewed_past_its_original_expiry() -> None:
 
 
 def test_a_lease_taken_over_is_reported_lost(caplog: pytest.LogCaptureFixture) -> None:
-    store, owner = claimed(300)
+    store, owner, fence = claimed(300)
     keeper = LeaseKeeper()
-    token = keeper.hold(store, REF, owner, 300)
+    token = keeper.hold(store, REF, owner, 300, fence=fence)
     store.discard(REF, owner=owner)  # gone: e.g. released by an operator
     store.claim(REF, task_id="t2", owner="other", fingerprint="fp", task_name="n",
                 lease_ms=60_000, ttl_ms=60_000)
@@ -53,17 +54,17 @@ def test_a_lease_taken_over_is_reported_lost(caplog: pytest.LogCaptureFixture) -
 
 def test_a_renewal_racing_the_tasks_own_outcome_is_not_a_loss(
         caplog: pytest.LogCaptureFixture) -> None:
-    store, owner = claimed(300)
+    store, owner, fence = claimed(300)
     real_renew = store.renew
 
     def renew_after_the_task_completed(ref: RecordRef, **kwargs: Any) -> bool:
         # The task's outcome write lands between the keeper picking the lease and renewing it.
-        store.complete(ref, owner=owner, result=RESULT, ttl_ms=60_000)
+        store.complete(ref, owner=owner, fence=fence, result=RESULT, ttl_ms=60_000)
         return real_renew(ref, **kwargs)
 
     store.renew = renew_after_the_task_completed  # type: ignore[method-assign]
     keeper = LeaseKeeper()
-    token = keeper.hold(store, REF, owner, 300)
+    token = keeper.hold(store, REF, owner, 300, fence=fence)
     with caplog.at_level(logging.ERROR, logger="celery_idempotency"):
         time.sleep(0.25)
     assert keeper.release(token) is True
@@ -72,12 +73,12 @@ def test_a_renewal_racing_the_tasks_own_outcome_is_not_a_loss(
 
 
 def test_a_short_task_costs_no_store_call() -> None:
-    store, owner = claimed(60_000)
+    store, owner, fence = claimed(60_000)
     calls: list[Any] = []
     real_renew = store.renew
     store.renew = lambda *a, **k: calls.append(a) or real_renew(*a, **k)  # type: ignore
     keeper = LeaseKeeper()
-    token = keeper.hold(store, REF, owner, 60_000)
+    token = keeper.hold(store, REF, owner, 60_000, fence=fence)
     time.sleep(0.05)
     keeper.release(token)
     assert calls == []

@@ -16,6 +16,10 @@ local function clock()
   return s * 1000 + math.floor(us / 1000), s * 1000000 + us
 end
 
+-- States as a record holds them: one letter each (records.STATE_CODES; the public names are
+-- Python's KeyState). Upper case: never mistaken for a field name.
+local PENDING, STARTED, SUCCEEDED, FAILED = 'P', 'R', 'D', 'F'
+
 -- A number as the exact decimal integer (tostring would round it to 14 digits).
 local function int(n)
   return string.format('%.0f', n)

@@ -5,10 +5,10 @@
 -- never started) is matched by task id alone.
 -- KEYS: record
 -- ARGV: task_id, owner_prefix ('' = only a pending record),
---       to_state: 'pending' (the message was requeued: let the redelivery run at once)
---         or 'failed' (the message is gone: fail retryable, so that the next publish runs),
---       error (JSON, for 'failed'), ttl_ms (for 'failed'),
---       pending_ms (for 'pending'): the requeued message has until then to come back
+--       to_state: PENDING's letter (the message was requeued: let the redelivery run at once)
+--         or FAILED's (the message is gone: fail retryable, so that the next publish runs),
+--       error (JSON, for failed), ttl_ms (for failed),
+--       pending_ms (for pending): the requeued message has until then to come back
 -- Returns 1 if changed, 0 otherwise
 local rec = KEYS[1]
 local task_id, owner_prefix, to_state = ARGV[1], ARGV[2], ARGV[3]
@@ -16,19 +16,19 @@ local error_json, ttl_ms, pending_ms = ARGV[4], ARGV[5], ARGV[6]
 
 if redis.call('HGET', rec, 't') ~= task_id then return 0 end
 local state = redis.call('HGET', rec, 'st')
-if state == 'started' then
+if state == STARTED then
   local held_by = redis.call('HGET', rec, 'o') or ''
   if owner_prefix == '' or string.sub(held_by, 1, #owner_prefix) ~= owner_prefix then return 0 end
-elseif state ~= 'pending' then
+elseif state ~= PENDING then
   return 0
 end
 local now = now_ms()
 redis.call('HDEL', rec, 'l', 'pd')
-if to_state == 'pending' then
-  redis.call('HSET', rec, 'st', 'pending', 'u', now, 'pd', now + tonumber(pending_ms))
+if to_state == PENDING then
+  redis.call('HSET', rec, 'st', PENDING, 'u', now, 'pd', now + tonumber(pending_ms))
   expire_at_least(rec, pending_ms)
 else
-  redis.call('HSET', rec, 'st', 'failed', 'e', error_json, 'ry', '1', 'u', now)
+  redis.call('HSET', rec, 'st', FAILED, 'e', error_json, 'ry', '1', 'u', now)
   redis.call('PEXPIRE', rec, ttl_ms)
 end
 wake(rec)

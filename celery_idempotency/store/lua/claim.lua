@@ -23,12 +23,12 @@ local function take(status)
   if state then
     -- A claim starts clean: no outcome, no deadline of the state it leaves.
     redis.call('HDEL', rec, 'r', 'ct', 'ce', 'rs', 'e', 'ry', 'pd')
-    redis.call('HSET', rec, 'st', 'started', 't', task_id, 'o', owner,
+    redis.call('HSET', rec, 'st', STARTED, 't', task_id, 'o', owner,
       'l', lease_until, 'u', now, 'f', int(new_fence))
   else
     -- Never reserved (sent by name with a key header) or expired: execution-time dedup.
     redis.call('HSET', rec, 'k', key, 's', scope, 'fp', fingerprint, 'c', now,
-      'st', 'started', 't', task_id, 'o', owner, 'l', lease_until, 'u', now,
+      'st', STARTED, 't', task_id, 'o', owner, 'l', lease_until, 'u', now,
       'f', int(new_fence))
     -- The task name is kept only when it is not the scope (the default): bytes per record.
     if task_name ~= scope then redis.call('HSET', rec, 'n', task_name) end
@@ -40,8 +40,8 @@ end
 
 if not state then return take('claimed') end
 if fp ~= fingerprint then return reply('mismatch', rec) end
-if state == 'pending' then return take('claimed') end
-if state == 'started' then
+if state == PENDING then return take('claimed') end
+if state == STARTED then
   -- Our own claim, answered but the reply lost and the call retried: the same fence, and
   -- the lease counts from now, as if this were the first answer (the owner is alive).
   if held_by == owner then
@@ -53,7 +53,7 @@ if state == 'started' then
   if lease and tonumber(lease) > now then return reply('busy', rec, tonumber(lease) - now) end
   return take('taken_over')
 end
-if state == 'succeeded' then return reply('succeeded', rec) end
+if state == SUCCEEDED then return reply('succeeded', rec) end
 -- failed: a retryable failure is run again by a new message, replayed to its own redelivery.
 if retryable == '1' and held_task_id ~= task_id then return take('claimed') end
 return reply('failed', rec)

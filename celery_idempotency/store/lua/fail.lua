@@ -9,10 +9,10 @@ local owner, error_json, retryable, ttl_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local f = redis.call('HMGET', rec, 'o', 'st')
 local held_by, state = f[1], f[2]
 if held_by ~= owner then return reply('lost', rec) end
-if state == 'failed' then return {'ok'} end  -- our own write, retried
-if state ~= 'started' then return reply('lost', rec) end
+if state == FAILED then return {'ok'} end  -- our own write, retried
+if state ~= STARTED then return reply('lost', rec) end
 redis.call('HDEL', rec, 'l')
-redis.call('HSET', rec, 'st', 'failed', 'e', error_json, 'ry', retryable, 'u', now_ms())
+redis.call('HSET', rec, 'st', FAILED, 'e', error_json, 'ry', retryable, 'u', now_ms())
 -- A cached error is final: its steps go. A retryable one keeps them, so that the next run
 -- continues where this one stopped.
 if retryable ~= '1' then delete_fields(rec, true) end

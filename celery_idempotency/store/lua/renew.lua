@@ -6,7 +6,7 @@
 local rec = KEYS[1]
 local owner, lease_ms = ARGV[1], ARGV[2]
 
-if redis.call('HGET', rec, 'o') ~= owner or redis.call('HGET', rec, 'st') ~= 'started' then
+if redis.call('HGET', rec, 'o') ~= owner or redis.call('HGET', rec, 'st') ~= STARTED then
   return 0
 end
 redis.call('HSET', rec, 'l', now_ms() + tonumber(lease_ms))

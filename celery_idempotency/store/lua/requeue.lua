@@ -11,11 +11,11 @@ local owner, ttl_ms, pending_ms = ARGV[1], ARGV[2], ARGV[3]
 
 if redis.call('HGET', rec, 'o') ~= owner then return 0 end
 local state = redis.call('HGET', rec, 'st')
-if state == 'pending' then return 1 end  -- our own write, retried
-if state ~= 'started' then return 0 end
+if state == PENDING then return 1 end  -- our own write, retried
+if state ~= STARTED then return 0 end
 local now = now_ms()
 redis.call('HDEL', rec, 'l')
-redis.call('HSET', rec, 'st', 'pending', 'u', now, 'pd', now + tonumber(pending_ms))
+redis.call('HSET', rec, 'st', PENDING, 'u', now, 'pd', now + tonumber(pending_ms))
 if ttl_ms ~= '' then
   redis.call('PEXPIRE', rec, math.max(tonumber(ttl_ms), tonumber(pending_ms)))
 else

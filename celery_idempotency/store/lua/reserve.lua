@@ -20,25 +20,25 @@ local state, fp, held_task_id, lease, retryable, held_fence, deadline =
 if state then
   if fp ~= fingerprint then return reply('mismatch', rec) end
   -- Our own reservation, answered but the reply lost and the call retried.
-  if state == 'pending' and held_task_id == task_id then return {'reserved'} end
-  if state == 'pending' and deadline and tonumber(deadline) <= now then
+  if state == PENDING and held_task_id == task_id then return {'reserved'} end
+  if state == PENDING and deadline and tonumber(deadline) <= now then
     -- Never claimed in time: publish again. Should the first message still arrive, the first
     -- executor claims the key and the other replays its outcome.
     redis.call('HSET', rec, 't', task_id, 'pd', now + pending_ms, 'u', now)
     expire_at_least(rec, math.max(ttl_ms, pending_ms))
     return {'reserved', held_task_id}
   end
-  if state == 'started' and not (lease and tonumber(lease) > now) then
+  if state == STARTED and not (lease and tonumber(lease) > now) then
     return reply('stale', rec)
   end
-  if not (state == 'failed' and retryable == '1') then return reply('duplicate', rec) end
+  if not (state == FAILED and retryable == '1') then return reply('duplicate', rec) end
   -- A retryable failure: the next publish runs the task again. Keep the fencing counter
   -- monotonic across the new reservation, and the recorded steps: the new run continues
   -- where the failed one stopped.
   fence = held_fence or '0'
   delete_fields(rec, false)
 end
-redis.call('HSET', rec, 'k', key, 's', scope, 'st', 'pending', 't', task_id,
+redis.call('HSET', rec, 'k', key, 's', scope, 'st', PENDING, 't', task_id,
   'fp', fingerprint, 'f', fence, 'c', now, 'u', now, 'pd', now + pending_ms)
 -- The task name is kept only when it is not the scope (the default): bytes per record.
 if task_name ~= scope then redis.call('HSET', rec, 'n', task_name) end
