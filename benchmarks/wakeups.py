@@ -47,11 +47,12 @@ def _stats_ms(values: list[float]) -> dict[str, float]:
             "p99_ms": percentile(ms, 0.99), "max_ms": max(ms), "n": len(ms)}
 
 
-def _subscribed(store: KeyStore, ref: RecordRef) -> bool:
+def _subscribed(store: KeyStore, asker: KeyStore, ref: RecordRef) -> bool:
     if not isinstance(store, RedisKeyStore) or store._waker is None:
         return True
+    assert isinstance(asker, RedisKeyStore)
     channel = wake_channel(store.store_key(ref))
-    reply = store.client.execute_command(  # type: ignore[no-untyped-call]
+    reply = asker.client.execute_command(  # type: ignore[no-untyped-call]
         "PUBSUB", "SHARDNUMSUB", channel)
     return int(reply[1]) >= 1
 
@@ -83,7 +84,9 @@ def _get_latencies(reader: KeyStore, writer: KeyStore, *, waiters: int,
         for thread in threads:
             thread.start()
         gate.wait()
-        while not _subscribed(reader, ref):
+        # Asked on the writer's connection: the reader's pool is the waiters' (redis-py 8
+        # limits a pool to 100 connections, which 100 waiters' first reads already take).
+        while not _subscribed(reader, writer, ref):
             time.sleep(0.001)
         time.sleep(0.02 + waiters * 0.003)  # let every waiter reach its wait (a loaded machine)
         start = time.perf_counter()
