@@ -49,7 +49,7 @@ from .keys import RecordRef
 from .leases import lease_keeper, new_owner_token
 from .outcomes import decode_result, encode_error, encode_result, rebuild_error
 from .steps import StepClaim, Steps
-from .store import Claim, ClaimStatus, KeyStore, Reservation, ReserveStatus
+from .store import Claim, ClaimStatus, KeyStore, ParkedDuplicate, Reservation, ReserveStatus
 
 logger = logging.getLogger("celery_idempotency")
 
@@ -57,6 +57,10 @@ logger = logging.getLogger("celery_idempotency")
 STORE_ATTEMPT_HEADER = "idempotency_store_attempt"
 #: Header counting how often a message came back because a live owner held its key.
 BUSY_ATTEMPT_HEADER = "idempotency_busy_attempt"
+#: Header of a message that parked on its key's record (`KeyStore.claim` with ``park``): set on
+#: its busy re-sends, and on the copy the owner publishes at once when its outcome is final.
+#: Every copy claims with ``unpark``, so that exactly one of them replays the outcome.
+PARKED_HEADER = "idempotency_parked"
 # A message blocked by a live owner waits in the worker this long (at most) on its first look
 # for the owner's outcome, woken by it: a short owner's duplicate replays at once, and the
 # worker slot is held briefly. After that it is re-sent with backoff (`Execution._busy`).
@@ -219,7 +223,8 @@ class Execution:
     `celery_idempotency.task`)."""
 
     def __init__(self, target: KeyTarget, *, sender: Any, task_name: str, task_id: str,
-                 lease_ms: int, store_attempt: int = 0, busy_attempt: int = 0) -> None:
+                 lease_ms: int, store_attempt: int = 0, busy_attempt: int = 0,
+                 parked: bool = False) -> None:
         self.target = target
         self.ref = target.ref
         self.config = target.config
@@ -229,6 +234,7 @@ class Execution:
         self.lease_ms = lease_ms
         self.store_attempt = store_attempt  # how often the store could not be used so far
         self.busy_attempt = busy_attempt  # how often a live owner held the key so far
+        self.parked = parked  # this message (a copy of it) parked on the record before
         #: The steps of this run: recorded once the key is claimed (`_run_claimed`); until
         #: then (run unprotected under fail_open) a step just calls its function.
         self.steps = Steps.unclaimed(ref=self.ref, task_name=task_name, task_id=task_id,
@@ -254,16 +260,19 @@ class Execution:
 
     def _claim(self, owner: str) -> tuple[KeyStore, Claim]:
         store = self.open_store(self.config)
-        claim = store.claim(self.ref, task_id=self.task_id, owner=owner,
-                            fingerprint=self.target.fingerprint, task_name=self.task_name,
-                            lease_ms=self.lease_ms, ttl_ms=self.config.ttl_ms)
-        return store, claim
+        # A message back from a busy look parks if still busy (its first look waits first).
+        return store, self._claim_again(store, owner, park=self.busy_attempt > 0)
 
     def _handle_for_status(self, store: KeyStore, claim: Claim, owner: str) -> Any:
         if claim.status is ClaimStatus.BUSY:
             claim = self._await_owner(store, claim, owner)
         if claim.status is ClaimStatus.BUSY:
             raise self._busy(store, claim)
+        if claim.status is ClaimStatus.HANDLED:
+            logger.info("%s[%s] key=%r: another copy of this message already replayed the "
+                        "outcome; this one ends without it", self.task_name, self.task_id,
+                        self.ref.key)
+            raise self.end_as_handled()
         if claim.status is ClaimStatus.SUCCEEDED:
             return self._replay_result(claim)
         if claim.status is ClaimStatus.FAILED:
@@ -304,9 +313,14 @@ class Execution:
         delay = max(0.05, min(backoff, remaining))
         events.announce(events.CLAIM_BUSY, self.sender, key=self.ref.key, scope=self.ref.scope,
                         task_id=self.task_id, owner_task_id=claim.record.task_id, delay=delay)
-        logger.info("%s[%s] key=%r is running as task %s; looking again in %.2f s",
-                    self.task_name, self.task_id, self.ref.key, claim.record.task_id, delay)
-        return self.republish_later(delay, {BUSY_ATTEMPT_HEADER: self.busy_attempt + 1})
+        parked = self.parked or claim.parked
+        logger.info("%s[%s] key=%r is running as task %s; looking again in %.2f s%s",
+                    self.task_name, self.task_id, self.ref.key, claim.record.task_id, delay,
+                    " (parked)" if parked else "")
+        headers: dict[str, Any] = {BUSY_ATTEMPT_HEADER: self.busy_attempt + 1}
+        if parked:  # once parked, every copy claims with unpark (the field may still be there)
+            headers[PARKED_HEADER] = 1
+        return self.republish_later(delay, headers)
 
     def _await_owner(self, store: KeyStore, claim: Claim, owner: str) -> Claim:
         """On a message's first busy look, wait up to `_BUSY_WAIT` in the worker for the
@@ -327,8 +341,9 @@ class Execution:
                                 holder, budget)
                 while watch.live:
                     # Claimed again after subscribing: an outcome written meanwhile is seen.
-                    again = self._claim_again(store, owner)
+                    # The look after the wait, followed by a re-send if still busy, parks.
                     left = deadline - time.monotonic()
+                    again = self._claim_again(store, owner, park=left <= 0)
                     if again.status is not ClaimStatus.BUSY or left <= 0:
                         return again
                     claim = again
@@ -337,10 +352,23 @@ class Execution:
             pass
         return claim
 
-    def _claim_again(self, store: KeyStore, owner: str) -> Claim:
+    def _claim_again(self, store: KeyStore, owner: str, *, park: bool = False) -> Claim:
+        park_data = self._park_data(park)
         return store.claim(self.ref, task_id=self.task_id, owner=owner,
                            fingerprint=self.target.fingerprint, task_name=self.task_name,
-                           lease_ms=self.lease_ms, ttl_ms=self.config.ttl_ms)
+                           lease_ms=self.lease_ms, ttl_ms=self.config.ttl_ms,
+                           park=park_data, unpark=self.parked)
+
+    def _park_data(self, park: bool) -> bytes | None:
+        """What the owner needs to publish this message again, or None (not parking)."""
+        if not park:
+            return None
+        try:
+            return self.park_data()
+        except Exception as exc:  # only a shortcut: the re-send with backoff still comes
+            logger.info("%s[%s] key=%r: not parked (%s); it comes back by its countdown",
+                        self.task_name, self.task_id, self.ref.key, exc)
+            return None
 
     def _announce_replay(self, claim: Claim, state: str, outcome: str) -> None:
         assert claim.record is not None
@@ -405,10 +433,12 @@ class Execution:
         payload = encode_result(self.storable(result), serializer=config.result_serializer,
                                 max_bytes=config.max_result_bytes, key=ref.key,
                                 task_id=self.task_id)
-        self._write("record success",
-                    lambda: store.complete(ref, owner=owner, fence=fence, result=payload,
-                                           ttl_ms=config.ttl_ms),
-                    config.store_write_timeout)
+        parked: list[ParkedDuplicate] = []
+        self._write("record success", lambda: parked.extend(
+            store.complete(ref, owner=owner, fence=fence, result=payload,
+                           ttl_ms=config.ttl_ms)),
+            config.store_write_timeout)
+        self._wake_parked(parked)
         return result
 
     def _lost_at_a_step(self) -> bool:
@@ -451,15 +481,33 @@ class Execution:
         elif isinstance(exc, Exception):
             error = encode_error(exc, max_bytes=config.max_result_bytes)
             cacheable = isinstance(exc, config.cache_errors)
-            self._write("record failure", lambda: store.fail(
-                ref, owner=owner, error=error, retryable=not cacheable, ttl_ms=config.ttl_ms),
+            parked: list[ParkedDuplicate] = []
+            self._write("record failure", lambda: parked.extend(store.fail(
+                ref, owner=owner, error=error, retryable=not cacheable, ttl_ms=config.ttl_ms)),
                 config.store_write_timeout)
+            self._wake_parked(parked)
         else:
             # Worker shutting down mid-task (SystemExit, KeyboardInterrupt): give the claim
             # back so that the redelivered message runs at once instead of waiting out the
             # lease. Shutting down: do not hold the worker up; the lease frees the key
             # regardless.
             self._give_up(store, owner, exc, requeue=True, reason="shutdown", timeout=1.0)
+
+    def _wake_parked(self, parked: list[ParkedDuplicate]) -> None:
+        """Publish the parked duplicates again at once, so that they find the outcome now
+        rather than at their countdown. Best effort: the countdown copy still comes."""
+        if not parked:
+            return
+        try:
+            self.wake_parked(parked)
+        except Exception as exc:
+            logger.error("%s[%s] key=%r: could not wake %d parked duplicate(s) (%s); they come "
+                         "back by their countdown", self.task_name, self.task_id, self.ref.key,
+                         len(parked), exc, exc_info=True)
+            return
+        logger.info("%s[%s] key=%r: woke %d parked duplicate(s): %s", self.task_name,
+                    self.task_id, self.ref.key, len(parked),
+                    ", ".join(duplicate.task_id for duplicate in parked))
 
     def _end_without_outcome(self, no_outcome: NoOutcome, exc: BaseException,
                              store: KeyStore, owner: str) -> None:
@@ -571,6 +619,22 @@ class Execution:
 
     def republish_later(self, delay: float, extra_headers: Mapping[str, Any]) -> BaseException:
         """Send this message again in ``delay`` seconds; the exception that ends this run."""
+        raise NotImplementedError
+
+    def park_data(self) -> bytes | None:
+        """What it takes to publish this message again, given the owner's arguments (the same
+        fingerprint): its task name and options (callbacks, group, chord, headers...). None:
+        this framework does not park (the message comes back by its countdown only)."""
+        return None
+
+    def wake_parked(self, parked: list[ParkedDuplicate]) -> None:
+        """Publish each parked duplicate again now (from its `park_data`, with this run's
+        arguments), marked with `PARKED_HEADER`."""
+        raise NotImplementedError
+
+    def end_as_handled(self) -> BaseException:
+        """The exception that ends a copy whose outcome another copy already replayed: no
+        result, no callbacks."""
         raise NotImplementedError
 
 

@@ -43,6 +43,11 @@ F_UPDATED = "u"
 # shares its hash slot on a Cluster. No record field above starts with it. Step fields are
 # dropped when the key's outcome is final (succeeded, or failed and not retryable).
 F_STEP_PREFIX = "sp:"
+# Parked duplicates (docs/wakeups.md): a duplicate message re-sent because a live owner held the
+# key registers itself as a field named this prefix and its task id, valued what it takes to
+# publish it again (JSON). The owner's final write hands them back, to publish at once; each
+# goes when a copy of its message replays the outcome (or runs the task), or with the record.
+F_PARK_PREFIX = "w:"
 ALL_FIELDS = (F_KEY, F_SCOPE, F_TASK_NAME, F_STATE, F_TASK_ID, F_FINGERPRINT, F_OWNER, F_LEASE,
               F_FENCE, F_RESULT, F_CONTENT_TYPE, F_CONTENT_ENCODING, F_RESULT_STATUS, F_ERROR,
               F_RETRYABLE, F_CREATED, F_UPDATED, F_PENDING_DEADLINE)
@@ -153,9 +158,20 @@ def is_step_field(field: str) -> bool:
     return field.startswith(F_STEP_PREFIX)
 
 
+def park_field(task_id: str) -> str:
+    """The record field of the parked duplicate ``task_id``."""
+    return F_PARK_PREFIX + task_id
+
+
+def is_park_field(field: str) -> bool:
+    return field.startswith(F_PARK_PREFIX)
+
+
 def without_steps(fields: Mapping[str, bytes]) -> dict[str, bytes]:
-    """The record's own fields (what a store's reply carries: never the steps' values)."""
-    return {name: value for name, value in fields.items() if not is_step_field(name)}
+    """The record's own fields (what a store's reply carries: never the steps' values, nor the
+    parked duplicates)."""
+    return {name: value for name, value in fields.items()
+            if not (is_step_field(name) or is_park_field(name))}
 
 
 def encode_step_value(data: bytes, content_type: str, content_encoding: str) -> bytes:

@@ -24,6 +24,7 @@ from celery.backends.base import DisabledBackend
 from celery.exceptions import Ignore, Reject, Retry
 from celery.result import ResultBase
 from celery.utils import uuid
+from kombu.utils import json as kombu_json
 
 from . import celery_compat, pool_check, signals
 from .batch import BatchCall, publish_many
@@ -56,6 +57,7 @@ from .keys import (
 )
 from .protocol import (
     BUSY_ATTEMPT_HEADER,
+    PARKED_HEADER,
     STORE_ATTEMPT_HEADER,
     Execution,
     KeyTarget,
@@ -65,7 +67,7 @@ from .protocol import (
 )
 from .result import IdempotentResult, accept_for, lookup
 from .steps import Steps
-from .store import KeyStore, store_for_app
+from .store import KeyStore, ParkedDuplicate, store_for_app
 from .worker import IdempotentRequest
 
 __all__ = ["STORE_ATTEMPT_HEADER", "IdempotentTask", "KeyTarget"]
@@ -77,8 +79,12 @@ _CELERY_BUILTINS = "celery.app.builtins"  # the module of Celery's own tasks
 # Present, even empty, is enough: the last step of a chain is sent with ``chain=[]``.
 _CANVAS_OPTIONS = ("link", "link_error", "chain", "chord", "group_id")
 _OUR_HEADERS = (KEY_HEADER, FINGERPRINT_HEADER, STORE_ATTEMPT_HEADER, BUSY_ATTEMPT_HEADER,
+                PARKED_HEADER,
                 *(PREFIX + name for name in PER_MESSAGE))
 _UNSET: Any = object()
+# Options of a message that its parked copy does not keep (`_CeleryExecution.park_data`): its id
+# is the record field's name, and the copy is due at once.
+_NOT_PARKED = ("task_id", "countdown", "eta", "redelivered")
 
 # The steps of the task run in progress in this thread (or greenlet), with its task: set
 # around the task body, so that `IdempotentTask.step` finds its own run's, never another's.
@@ -449,10 +455,10 @@ class IdempotentTask(Task):  # type: ignore[misc]
             with _steps_of_run(self, steps):
                 return super().__call__(*args, **kwargs)
         target = self.key_target_of_message(args, kwargs, headers)
-        return _CeleryExecution(self, target, args, kwargs,
+        return _CeleryExecution(self, target, args, kwargs, headers,
                                 store_attempt=int(headers.get(STORE_ATTEMPT_HEADER) or 0),
-                                busy_attempt=_count(headers.get(BUSY_ATTEMPT_HEADER))
-                                ).execute()
+                                busy_attempt=_count(headers.get(BUSY_ATTEMPT_HEADER)),
+                                parked=bool(_count(headers.get(PARKED_HEADER)))).execute()
 
     def _republish_later(self, countdown: float, extra_headers: Mapping[str, Any]) -> Retry:
         """Re-send this very message later, without spending the user's retry budget.
@@ -484,11 +490,13 @@ class _CeleryExecution(Execution):
     """One execution of an `IdempotentTask`: the protocol's hooks in Celery's terms."""
 
     def __init__(self, task: IdempotentTask, target: KeyTarget, args: tuple[Any, ...],
-                 kwargs: dict[str, Any], *, store_attempt: int, busy_attempt: int = 0) -> None:
+                 kwargs: dict[str, Any], headers: Mapping[str, Any], *, store_attempt: int,
+                 busy_attempt: int = 0, parked: bool = False) -> None:
         super().__init__(target, sender=task, task_name=task.name, task_id=task.request.id,
                          lease_ms=target.config.lease_ms(task.time_limit),
-                         store_attempt=store_attempt, busy_attempt=busy_attempt)
+                         store_attempt=store_attempt, busy_attempt=busy_attempt, parked=parked)
         self.task, self.args, self.kwargs = task, args, kwargs
+        self.headers = headers  # the message's headers, ours included
 
     def open_store(self, config: IdempotencyConfig) -> KeyStore:
         return self.task.idem_store(config)
@@ -530,6 +538,42 @@ class _CeleryExecution(Execution):
     def republish_later(self, delay: float, extra_headers: Mapping[str, Any]) -> BaseException:
         retry: BaseException = self.task._republish_later(delay, extra_headers)
         return retry
+
+    def park_data(self) -> bytes | None:
+        request = self.task.request
+        if request.is_eager:  # nothing to wake: an eager run waits in place
+            return None
+        # What a retry would send (Celery's own list of a message's options), but its id.
+        options = {name: value for name, value in
+                   self.task.signature_from_request(request).options.items()
+                   if value is not None and name not in _NOT_PARKED}
+        options["headers"] = {**(options.get("headers") or {}), **self.headers,
+                              BUSY_ATTEMPT_HEADER: self.busy_attempt + 1, PARKED_HEADER: 1}
+        data: dict[str, Any] = {"task": self.task.name, "options": options}
+        if self.ref.scope != self.task.name:
+            # A scope shared by several tasks: the owner may be another task, whose arguments
+            # are the same values (same fingerprint) but maybe not in the same places.
+            data["args"], data["kwargs"] = list(self.args), self.kwargs
+        text: str = kombu_json.dumps(data)  # type: ignore[no-untyped-call]
+        return text.encode("utf-8")
+
+    def wake_parked(self, parked: list[ParkedDuplicate]) -> None:
+        app = self.task.app
+        with app.producer_or_acquire() as producer:
+            for duplicate in parked:
+                data = kombu_json.loads(  # type: ignore[no-untyped-call]
+                    duplicate.data.decode("utf-8"))
+                name = data["task"]
+                if "args" in data:
+                    args, kwargs = data["args"], data["kwargs"]
+                else:  # the same task and fingerprint: this run's arguments are its own
+                    args, kwargs = self.args, self.kwargs
+                app.send_task(name, args, kwargs, task_id=duplicate.task_id,
+                              producer=producer, add_to_parent=False, **data["options"])
+
+    def end_as_handled(self) -> BaseException:
+        handled: BaseException = Ignore()  # no result stored, no callbacks
+        return handled
 
 
 def _count(value: Any) -> int:

@@ -15,6 +15,9 @@ Invariants every transition keeps (``tests/store/test_state_machine.py``):
   with it, survive every transition after which the key can run again (a retryable failure,
   requeue, abandon, take-over, a new reservation) and go with a final outcome (``complete``,
   a ``fail`` that is not retryable) or with the record (``discard``, deletion);
+* parked duplicates (`claim` with ``park``) are fields of the record too: they survive every
+  transition but deletion (a final outcome hands them back, and leaves them for the copy that
+  replays it to remove);
 * a claim's fence is above every fence handed out for the key before, also after the record
   was deleted, expired or evicted: ``max(last fence + 1, store clock in µs)``. Across a
   deletion this relies on the store's clock not stepping back by more than the time between
@@ -62,6 +65,9 @@ class ClaimStatus(str, enum.Enum):
     BUSY = "busy"  # a live owner runs it: wait and look again
     SUCCEEDED = "succeeded"  # replay the cached result
     FAILED = "failed"  # re-raise the cached error
+    # A copy of a parked message found the outcome, and another copy of the same task id
+    # already replayed it (or ran the task): this copy does nothing (`KeyStore.claim`, unpark).
+    HANDLED = "handled"
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,17 @@ class Claim:
     # For BUSY: how long the live owner's lease still runs, by the store's clock (so that the
     # caller knows when to look again without asking the store for the time).
     lease_remaining_ms: int | None = None
+    # For BUSY: the message was parked (``park`` given, and the owner is another task id).
+    parked: bool = False
+
+
+@dataclass(frozen=True)
+class ParkedDuplicate:
+    """A duplicate message parked on a record (`KeyStore.claim` with ``park``), handed back by
+    the owner's final write (`KeyStore.complete`, `KeyStore.fail`) to be published again."""
+
+    task_id: str
+    data: bytes  # the ``park`` value it was parked with
 
 
 @dataclass(frozen=True)
@@ -182,22 +199,32 @@ class KeyStore(abc.ABC):
 
     @abc.abstractmethod
     def claim(self, ref: RecordRef, *, task_id: str, owner: str, fingerprint: str,
-              task_name: str, lease_ms: int, ttl_ms: int) -> Claim:
+              task_name: str, lease_ms: int, ttl_ms: int, park: bytes | None = None,
+              unpark: bool = False) -> Claim:
         """Execution time: take the key (``started``, owner token, lease, new fence) or report
-        why not. The record then lives ``max(ttl_ms, lease_ms)``."""
+        why not. The record then lives ``max(ttl_ms, lease_ms)``.
+
+        Parking (docs/wakeups.md): with ``park``, a BUSY claim whose owner is another task id
+        also records ``park`` as the parked duplicate ``task_id`` (`Claim.parked`), a field of
+        the record (it lives and goes with it). A claim that gets past BUSY (it takes the key, or
+        finds an outcome) removes the field of ``task_id``. ``unpark`` (a message that parked
+        before): finding an outcome and no such field, the claim answers HANDLED and changes
+        nothing: another copy of the same task id got there first."""
 
     @abc.abstractmethod
     def complete(self, ref: RecordRef, *, owner: str, fence: int, result: ResultPayload,
-                 ttl_ms: int) -> None:
+                 ttl_ms: int) -> list[ParkedDuplicate]:
         """``started`` -> ``succeeded`` with the result, for ``owner``'s claim under ``fence``
         (`Claim.fence`). Raises `OwnershipLost`. The succeeded record drops the owner token
         and the creation time; a retried call (the reply was lost) is recognised by the fence,
-        which no other claim ever had."""
+        which no other claim ever had. Returns the record's parked duplicates (left in the
+        record), to publish again (also when the write is retried after a lost reply)."""
 
     @abc.abstractmethod
     def fail(self, ref: RecordRef, *, owner: str, error: str, retryable: bool,
-             ttl_ms: int) -> None:
-        """``started`` -> ``failed`` with the error (JSON). Raises `OwnershipLost`."""
+             ttl_ms: int) -> list[ParkedDuplicate]:
+        """``started`` -> ``failed`` with the error (JSON). Raises `OwnershipLost`. Returns the
+        parked duplicates, as `complete` does."""
 
     @abc.abstractmethod
     def requeue(self, ref: RecordRef, *, owner: str, pending_ms: int,

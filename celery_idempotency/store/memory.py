@@ -38,7 +38,9 @@ from ..records import (
     KeyState,
     Record,
     decode_record,
+    is_park_field,
     is_step_field,
+    park_field,
     result_meta_fields,
     state_code,
     step_field,
@@ -50,6 +52,7 @@ from .base import (
     ClaimStatus,
     Entry,
     KeyStore,
+    ParkedDuplicate,
     Reservation,
     ReserveOutcome,
     ReserveRequest,
@@ -185,9 +188,10 @@ class MemoryKeyStore(KeyStore):
                 if not (state == FAILED and fields.get(F_RETRYABLE) == b"1"):
                     return Reservation(ReserveStatus.DUPLICATE, record)
                 fence = fields.get(F_FENCE, b"0")
-                # The recorded steps stay: the new run continues where the failed one stopped.
+                # The recorded steps stay: the new run continues where the failed one stopped;
+                # and the parked duplicates, waiting for the next final outcome.
                 steps = {field: value for field, value in fields.items()
-                         if is_step_field(field)}
+                         if is_step_field(field) or is_park_field(field)}
                 self._delete(name)
             self._records[name] = _fields({
                 **steps,
@@ -252,14 +256,18 @@ class MemoryKeyStore(KeyStore):
         return self._discard_if(RecordRef(record.scope, record.key), unchanged_conditions(record))
 
     def claim(self, ref: RecordRef, *, task_id: str, owner: str, fingerprint: str,
-              task_name: str, lease_ms: int, ttl_ms: int) -> Claim:
+              task_name: str, lease_ms: int, ttl_ms: int, park: bytes | None = None,
+              unpark: bool = False) -> Claim:
         name = self.store_key(ref)
+        parked_as = park_field(task_id)
         with self._lock:
             now_us = self._clock_us()
             now = now_us // 1000
             fields = self._live(name, now)
 
             def take(status: ClaimStatus, fields: Fields) -> Claim:
+                # Running it now: no copy of this message replays the outcome it will write.
+                fields.pop(parked_as, None)
                 previous = fields.get(F_TASK_ID, b"").decode("utf-8")
                 # Above the last fence, never below the clock in µs: monotonic across deletion.
                 fence = max(int(fields.get(F_FENCE, b"0")) + 1, now_us)
@@ -289,30 +297,40 @@ class MemoryKeyStore(KeyStore):
                     return Claim(ClaimStatus.CLAIMED, fence=int(fields.get(F_FENCE, b"0")),
                                  previous_task_id=fields[F_TASK_ID].decode("utf-8") or None)
                 if self._lease_alive(fields, now):
+                    # Parked unless the owner is another copy of this very message.
+                    parks = park is not None and fields.get(F_TASK_ID) != _field(task_id)
+                    if parks:
+                        fields[parked_as] = bytes(park or b"")
                     return Claim(ClaimStatus.BUSY, record=record,
-                                 lease_remaining_ms=int(fields[F_LEASE]) - now)
+                                 lease_remaining_ms=int(fields[F_LEASE]) - now, parked=parks)
                 return take(ClaimStatus.TAKEN_OVER, fields)
+            if (state == FAILED and fields.get(F_RETRYABLE) == b"1"
+                    and fields.get(F_TASK_ID) != _field(task_id)):
+                return take(ClaimStatus.CLAIMED, fields)
+            # A final outcome: of the copies of a parked message, the one that removes its
+            # field replays it.
+            if fields.pop(parked_as, None) is None and unpark:
+                return Claim(ClaimStatus.HANDLED)
             if state == SUCCEEDED:
                 return Claim(ClaimStatus.SUCCEEDED, record=record)
-            if fields.get(F_RETRYABLE) == b"1" and fields.get(F_TASK_ID) != _field(task_id):
-                return take(ClaimStatus.CLAIMED, fields)
             return Claim(ClaimStatus.FAILED, record=record)
 
     def _finish(self, ref: RecordRef, owner: str, final: bytes, updates: Fields,
                 ttl_ms: int, action: str, *, keep_steps: bool,
-                fence: int | None = None) -> None:
+                fence: int | None = None) -> list[ParkedDuplicate]:
         """``fence``: complete's (a succeeded record has no owner token: a retried complete
-        is recognised by the fence, and the owner token and creation time are dropped)."""
+        is recognised by the fence, and the owner token and creation time are dropped).
+        Returns the record's parked duplicates."""
         name = self.store_key(ref)
         with self._lock:
             now = self.now_ms()
             fields = self._live(name, now)
             if (fence is not None and fields is not None and fields[F_STATE] == final
                     and fields.get(F_FENCE) == _field(fence)):
-                return  # our own write, retried
+                return self._parked(fields)  # our own write, retried
             if fields is not None and fields.get(F_OWNER) == _field(owner):
                 if fence is None and fields[F_STATE] == final:
-                    return  # our own write, retried
+                    return self._parked(fields)  # our own write, retried
                 if fields[F_STATE] == STARTED:
                     fields.pop(F_LEASE, None)
                     if fence is not None:
@@ -325,20 +343,26 @@ class MemoryKeyStore(KeyStore):
                             del fields[field]
                     self._expire(name, ttl_ms, now)
                     self._wake(name)
-                    return
+                    return self._parked(fields)
             raise ownership_lost_error(ref, owner, self._reply(name, fields), action)
 
+    @staticmethod
+    def _parked(fields: Fields) -> list[ParkedDuplicate]:
+        """The record's parked duplicates (left in it: see `KeyStore.claim`, unpark)."""
+        return [ParkedDuplicate(field[len(park_field("")):], bytes(value))
+                for field, value in fields.items() if is_park_field(field)]
+
     def complete(self, ref: RecordRef, *, owner: str, fence: int, result: ResultPayload,
-                 ttl_ms: int) -> None:
+                 ttl_ms: int) -> list[ParkedDuplicate]:
         updates = _fields({F_RESULT: result.data, **result_meta_fields(
             result.content_type, result.content_encoding, result.status)})
-        self._finish(ref, owner, SUCCEEDED, updates, ttl_ms, "complete", keep_steps=False,
-                     fence=fence)
+        return self._finish(ref, owner, SUCCEEDED, updates, ttl_ms, "complete",
+                            keep_steps=False, fence=fence)
 
     def fail(self, ref: RecordRef, *, owner: str, error: str, retryable: bool,
-             ttl_ms: int) -> None:
+             ttl_ms: int) -> list[ParkedDuplicate]:
         updates = _fields({F_ERROR: error, F_RETRYABLE: b"1" if retryable else b"0"})
-        self._finish(ref, owner, FAILED, updates, ttl_ms, "fail", keep_steps=retryable)
+        return self._finish(ref, owner, FAILED, updates, ttl_ms, "fail", keep_steps=retryable)
 
     def requeue(self, ref: RecordRef, *, owner: str, pending_ms: int,
                 ttl_ms: int | None = None) -> bool:

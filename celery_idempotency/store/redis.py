@@ -41,6 +41,7 @@ from .base import (
     ClaimStatus,
     Entry,
     KeyStore,
+    ParkedDuplicate,
     Reservation,
     ReserveOutcome,
     ReserveRequest,
@@ -63,7 +64,7 @@ from .wakeups import PollingWatch, RedisWaker, Watch, wake_channel
 SCRIPT_ARGS: dict[str, tuple[str, ...]] = {
     "reserve": ("task_id", "fingerprint", "key", "scope", "task_name", "ttl_ms", "pending_ms"),
     "claim": ("task_id", "owner", "fingerprint", "key", "scope", "task_name", "lease_ms",
-              "ttl_ms"),
+              "ttl_ms", "park", "unpark"),
     "complete": ("owner", "fence", "result", "content_type", "content_encoding",
                  "result_status", "ttl_ms"),
     "fail": ("owner", "error", "retryable", "ttl_ms"),
@@ -105,6 +106,10 @@ def _load_script(name: str) -> str:
 
 def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else _text(value).encode("utf-8")
 
 
 def _ttl(pttl: Any) -> int | None:
@@ -254,38 +259,46 @@ class RedisKeyStore(KeyStore):
         return self._discard_if(ref, {F_TASK_ID: task_id, F_STATE: state_code(KeyState.PENDING)})
 
     def claim(self, ref: RecordRef, *, task_id: str, owner: str, fingerprint: str,
-              task_name: str, lease_ms: int, ttl_ms: int) -> Claim:
+              task_name: str, lease_ms: int, ttl_ms: int, park: bytes | None = None,
+              unpark: bool = False) -> Claim:
         reply = self._run("claim", ref, script_args(
             "claim", task_id=task_id, owner=owner, fingerprint=fingerprint, key=ref.key,
-            scope=ref.scope, task_name=task_name, lease_ms=lease_ms, ttl_ms=ttl_ms))
+            scope=ref.scope, task_name=task_name, lease_ms=lease_ms, ttl_ms=ttl_ms,
+            park=park or "", unpark="1" if unpark else ""))
         status = _text(reply[0])
+        if status == "handled":
+            return Claim(ClaimStatus.HANDLED)
         if status in ("claimed", "taken_over"):
             previous = _text(reply[2]) if len(reply) > 2 else None
             return Claim(ClaimStatus(status), fence=int(reply[1]),
                          previous_task_id=previous or None)
-        if status == "busy":  # {'busy', lease_remaining_ms, <record fields>...}
+        if status in ("busy", "parked"):  # {status, lease_remaining_ms, <record fields>...}
             return Claim(ClaimStatus.BUSY, record=self._record(ref, reply[2:]),
-                         lease_remaining_ms=int(reply[1]))
+                         lease_remaining_ms=int(reply[1]), parked=status == "parked")
         record = self._record(ref, reply[1:])
         if status == "mismatch":
             raise mismatch_error(ref, record)
         return Claim(ClaimStatus(status), record=record)
 
     def complete(self, ref: RecordRef, *, owner: str, fence: int, result: ResultPayload,
-                 ttl_ms: int) -> None:
+                 ttl_ms: int) -> list[ParkedDuplicate]:
         reply = self._run("complete", ref, complete_args(owner=owner, fence=fence, result=result,
                                                          ttl_ms=ttl_ms))
-        self._check_owner(ref, owner, reply, "complete")
+        return self._check_owner(ref, owner, reply, "complete")
 
     def fail(self, ref: RecordRef, *, owner: str, error: str, retryable: bool,
-             ttl_ms: int) -> None:
+             ttl_ms: int) -> list[ParkedDuplicate]:
         reply = self._run("fail", ref, script_args(
             "fail", owner=owner, error=error, retryable="1" if retryable else "0", ttl_ms=ttl_ms))
-        self._check_owner(ref, owner, reply, "fail")
+        return self._check_owner(ref, owner, reply, "fail")
 
-    def _check_owner(self, ref: RecordRef, owner: str, reply: Sequence[Any], action: str) -> None:
+    def _check_owner(self, ref: RecordRef, owner: str, reply: Sequence[Any],
+                     action: str) -> list[ParkedDuplicate]:
+        """``{'ok', <parked duplicates>...}``: the parked duplicates; else `OwnershipLost`."""
         if _text(reply[0]) != "ok":
             raise ownership_lost_error(ref, owner, self._record(ref, reply[1:]), action)
+        return [ParkedDuplicate(_text(reply[index]), _bytes(reply[index + 1]))
+                for index in range(1, len(reply) - 1, 2)]
 
     def requeue(self, ref: RecordRef, *, owner: str, pending_ms: int,
                 ttl_ms: int | None = None) -> bool:

@@ -70,7 +70,7 @@ def fails_first_time(self: Any, order_id: int) -> dict[str, Any]:
 @app.task(bind=True)
 def after(self: Any, value: Any) -> Any:
     """A plain callback: counts how often it runs with which value."""
-    key = value["order_id"] if isinstance(value, dict) else value
+    key = value.get("order_id", value.get("job")) if isinstance(value, dict) else value
     record_effect("after", key)
     record_value("after", key, value)
     return {"callback_got": value}

@@ -16,8 +16,8 @@ LUA = importlib.resources.files("celery_idempotency.store").joinpath("lua")
 # Quoted words in the scripts that are not field names: commands, stored states, replies.
 NOT_FIELDS = {"TIME", "HGETALL", "HGET", "HMGET", "HSET", "HDEL", "DEL", "EXISTS", "PTTL",
               "PEXPIRE", "%.0f", *STATE_CODES.values(), "succeeded", "failed", "claimed",
-              "taken_over", "busy", "mismatch", "ok", "lost", "reserved", "duplicate", "stale",
-              "", "0", "1"}
+              "taken_over", "busy", "parked", "handled", "mismatch", "ok", "lost", "reserved",
+              "duplicate", "stale", "", "0", "1"}
 
 
 def _code(name: str) -> str:

@@ -28,6 +28,10 @@ end
 -- Recovery points: each recorded step is a field of the record named this prefix and the
 -- step's name (records.F_STEP_PREFIX); no field of the record's own starts with it.
 local STEP_PREFIX = 'sp:'
+-- Parked duplicates (records.F_PARK_PREFIX): a duplicate message re-sent because of a live
+-- owner registers itself as a field named this prefix and its task id, valued what it takes to
+-- publish it again (JSON), so that the owner's final write can hand it back at once.
+local PARK_PREFIX = 'w:'
 
 -- {status, [extra,] field, value, field, value, ...}: the status (and one more value, if
 -- given) and the whole record in one reply, but for the steps' values (the caller decides
@@ -37,7 +41,8 @@ local function reply(status, key, extra)
   local fields = {status}
   if extra ~= nil then table.insert(fields, extra) end
   for i = 1, #all, 2 do
-    if string.sub(all[i], 1, #STEP_PREFIX) ~= STEP_PREFIX then
+    if string.sub(all[i], 1, #STEP_PREFIX) ~= STEP_PREFIX
+        and string.sub(all[i], 1, #PARK_PREFIX) ~= PARK_PREFIX then
       table.insert(fields, all[i])
       table.insert(fields, all[i + 1])
     end
@@ -47,12 +52,14 @@ end
 
 -- Delete the record's step fields (steps = true: its outcome is final, it never runs again),
 -- or every field but the steps (steps = false: a new run continues where the last one
--- stopped). A record left without fields is gone, as after DEL.
+-- stopped). A record left without fields is gone, as after DEL. Parked duplicates are never
+-- deleted here: they wait for the key's next final outcome.
 local function delete_fields(key, steps)
   local all = redis.call('HGETALL', key)
   local names = {}
   for i = 1, #all, 2 do
-    if (string.sub(all[i], 1, #STEP_PREFIX) == STEP_PREFIX) == steps then
+    if (string.sub(all[i], 1, #STEP_PREFIX) == STEP_PREFIX) == steps
+        and string.sub(all[i], 1, #PARK_PREFIX) ~= PARK_PREFIX then
       table.insert(names, all[i])
     end
   end
@@ -75,4 +82,20 @@ local function wake(key)
   local channel = key .. ':wake'
   local sent = redis.pcall('SPUBLISH', channel, '1')
   if type(sent) == 'table' and sent.err then redis.pcall('PUBLISH', channel, '1') end
+end
+
+-- {'ok', task_id, value, task_id, value, ...}: a final write's reply, with the record's parked
+-- duplicates (none: just {'ok'}, the common case). Read before the result is written (HGETALL:
+-- the documented ACL has no HSCAN). They stay in the record: each is removed by the copy of
+-- its message that replays the outcome (claim.lua).
+local function ok_with_parked(key)
+  local all = redis.call('HGETALL', key)
+  local found = {'ok'}
+  for i = 1, #all, 2 do
+    if string.sub(all[i], 1, #PARK_PREFIX) == PARK_PREFIX then
+      table.insert(found, string.sub(all[i], #PARK_PREFIX + 1))
+      table.insert(found, all[i + 1])
+    end
+  end
+  return found
 end

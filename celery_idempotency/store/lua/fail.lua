@@ -2,15 +2,17 @@
 -- are dropped unless it is retryable.
 -- KEYS: record
 -- ARGV: owner, error (JSON), retryable ('1' or '0'), ttl_ms
--- Returns {'ok'} | {'lost', <record fields>...}
+-- Returns {'ok', <parked duplicates: task_id, value, ...>} | {'lost', <record fields>...}
 local rec = KEYS[1]
 local owner, error_json, retryable, ttl_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
 local f = redis.call('HMGET', rec, 'o', 'st')
 local held_by, state = f[1], f[2]
 if held_by ~= owner then return reply('lost', rec) end
-if state == FAILED then return {'ok'} end  -- our own write, retried
+if state == FAILED then return ok_with_parked(rec) end  -- our own write, retried
 if state ~= STARTED then return reply('lost', rec) end
+-- Parked duplicates: published again at once by the caller (docs/wakeups.md).
+local out = ok_with_parked(rec)
 redis.call('HDEL', rec, 'l')
 redis.call('HSET', rec, 'st', FAILED, 'e', error_json, 'ry', retryable, 'u', now_ms())
 -- A cached error is final: its steps go. A retryable one keeps them, so that the next run
@@ -18,4 +20,4 @@ redis.call('HSET', rec, 'st', FAILED, 'e', error_json, 'ry', retryable, 'u', now
 if retryable ~= '1' then delete_fields(rec, true) end
 redis.call('PEXPIRE', rec, ttl_ms)
 wake(rec)
-return {'ok'}
+return out
