@@ -54,6 +54,7 @@ SCHEMES = (*SINGLE_SCHEMES, *SENTINEL_SCHEMES, *CLUSTER_SCHEMES)
 SENTINEL_SCHEME, CLUSTER_SCHEME = SENTINEL_SCHEMES[0], CLUSTER_SCHEMES[0]
 
 DEFAULT_PORT = 6379
+MAX_CONNECTIONS = 2**31  # per pool (per node on a Cluster): see _common_options
 TLS_PARAMETERS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
                   "ssl_check_hostname")
 _TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
@@ -283,8 +284,13 @@ def _common_options(timeout: float) -> dict[str, Any]:
     # Few, fast retries: a store that is down must surface as StoreUnavailable quickly so
     # that publishing fails closed and workers back off, instead of blocking for seconds.
     # Every script is safe to repeat (a repeated call by the same caller is recognised).
+    # max_connections: redis-py >= 6 caps a pool at 100 connections unless told otherwise, and
+    # the 101st caller at once gets "Too many connections" (StoreUnavailable here) instead of
+    # waiting: a thread or gevent pool with a concurrency above 100 would fail tasks for no
+    # fault of the store. The cap of redis-py 5 (2**31) is kept for every version.
     return {"socket_timeout": timeout, "socket_connect_timeout": timeout,
-            "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), 2)}
+            "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+            "max_connections": MAX_CONNECTIONS}
 
 
 def _single(address: StoreAddress, timeout: float) -> redis.Redis:

@@ -7,7 +7,9 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from celery_idempotency import KeyState, KeyStore, RecordRef
+import pytest
+
+from celery_idempotency import KeyState, KeyStore, RecordRef, RedisKeyStore, open_store
 from celery_idempotency.store import ClaimStatus, ReserveStatus
 
 THREADS = 32
@@ -64,3 +66,31 @@ def test_32_threads_taking_over_one_expired_lease_give_one_new_owner(store: KeyS
     assert counts == {ClaimStatus.TAKEN_OVER: 1, ClaimStatus.BUSY: THREADS - 1}
     [winner] = [o for o in outcomes if o.status is ClaimStatus.TAKEN_OVER]
     assert store.get(REF).fence == winner.fence > dead.fence  # type: ignore[union-attr]
+
+
+def _check_out(pool: Any) -> Any:
+    try:
+        return pool.get_connection()
+    except TypeError:  # redis-py 5: the command name is a required argument
+        return pool.get_connection("PING")
+
+
+@pytest.mark.parametrize("kind", ["redis", "sentinel"])
+def test_more_than_100_callers_at_once_each_get_a_connection(
+        kind: str, request: pytest.FixtureRequest) -> None:
+    # redis-py >= 6 caps a pool at 100 connections by default: the 101st caller at once (a
+    # thread or gevent pool above 100) got "Too many connections", i.e. StoreUnavailable.
+    server = request.getfixturevalue("redis_server" if kind == "redis" else "redis_sentinel")
+    store = open_store(server.url(1), prefix="t:")
+    assert isinstance(store, RedisKeyStore)
+    pool = store.client.connection_pool
+    held = [_check_out(pool) for _ in range(150)]
+    try:
+        assert len({id(connection) for connection in held}) == 150
+        for connection in held[:3] + held[-3:]:
+            connection.send_command("PING")
+            assert connection.read_response() in (b"PONG", "PONG", True)
+    finally:
+        for connection in held:
+            pool.release(connection)
+        store.close()
