@@ -33,10 +33,17 @@ def owner_prefix(pid: int) -> str:
     return f"{_HOST}:{pid:x}."
 
 
+_prefix_of_pid: tuple[int, str] = (-1, "")
+
+
 def new_owner_token() -> str:
     # Unique per process by the prefix; 32 random bits tell its claims apart. Short, because
     # the owner stays in every record.
-    return owner_prefix(os.getpid()) + secrets.token_hex(4)
+    global _prefix_of_pid
+    pid = os.getpid()
+    if _prefix_of_pid[0] != pid:  # formatted once per process (a fork changes the pid)
+        _prefix_of_pid = (pid, owner_prefix(pid))
+    return _prefix_of_pid[1] + secrets.token_hex(4)
 
 
 @dataclass

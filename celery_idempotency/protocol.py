@@ -229,10 +229,21 @@ class Execution:
         self.lease_ms = lease_ms
         self.store_attempt = store_attempt  # how often the store could not be used so far
         self.busy_attempt = busy_attempt  # how often a live owner held the key so far
-        #: The steps of this run: recorded once the key is claimed (`_run_claimed`); until
-        #: then (run unprotected under fail_open) a step just calls its function.
-        self.steps = Steps.unclaimed(ref=self.ref, task_name=task_name, task_id=task_id,
-                                     sender=sender)
+        self._steps: Steps | None = None
+
+    @property
+    def steps(self) -> Steps:
+        """The steps of this run: recorded once the key is claimed (`_run_claimed`); until
+        then (run unprotected under fail_open) a step just calls its function. Made on first
+        use: most runs never get here unclaimed."""
+        if self._steps is None:
+            self._steps = Steps.unclaimed(ref=self.ref, task_name=self.task_name,
+                                          task_id=self.task_id, sender=self.sender)
+        return self._steps
+
+    @steps.setter
+    def steps(self, steps: Steps) -> None:
+        self._steps = steps
 
     def execute(self) -> Any:
         """Claim the key, then run the task, replay its outcome, or come back later."""

@@ -11,10 +11,9 @@ signature.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 from celery import Signature, Task
 from celery.backends.base import DisabledBackend
 from celery.exceptions import Ignore, Reject, Retry
-from celery.result import ResultBase
+from celery.result import EagerResult, ResultBase
 from celery.utils import uuid
 
 from . import celery_compat, pool_check, signals
@@ -46,6 +45,7 @@ from .exceptions import (
     IdempotencyKeyRequired,
 )
 from .keys import (
+    Binder,
     RecordRef,
     bind_arguments,
     derive_key,
@@ -77,7 +77,6 @@ _CELERY_BUILTINS = "celery.app.builtins"  # the module of Celery's own tasks
 _CANVAS_OPTIONS = ("link", "link_error", "chain", "chord", "group_id")
 _OUR_HEADERS = (KEY_HEADER, FINGERPRINT_HEADER, STORE_ATTEMPT_HEADER, BUSY_ATTEMPT_HEADER,
                 *(PREFIX + name for name in PER_MESSAGE))
-_UNSET: Any = object()
 
 # The steps of the task run in progress in this thread (or greenlet), with its task: set
 # around the task body, so that `IdempotentTask.step` finds its own run's, never another's.
@@ -85,11 +84,13 @@ _current_steps: ContextVar[tuple[Any, Steps] | None] = ContextVar(
     "celery_idempotency_steps", default=None)
 
 
-@contextlib.contextmanager
-def _steps_of_run(task: Any, steps: Steps) -> Iterator[None]:
+def _call_with_steps(task: Any, steps: Steps, call: Callable[..., Any], args: Any,
+                     kwargs: Any) -> Any:
+    """``call(*args, **kwargs)`` with ``steps`` as the task's current run (not a
+    generator-based context manager: this is on every task's path)."""
     token = _current_steps.set((task, steps))
     try:
-        yield
+        return call(*args, **kwargs)
     finally:
         _current_steps.reset(token)
 
@@ -190,9 +191,10 @@ class IdempotentTask(Task):  # type: ignore[misc]
         return KeyTarget(RecordRef(config.scope or self.name, key), fp, config)
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        signature = self.__dict__.get("_idem_signature", _UNSET)
-        if signature is _UNSET:  # inspect.signature is slow: once per task
-            signature = self.__dict__["_idem_signature"] = signature_of(self.run)
+        binder: Binder | None = self.__dict__.get("_idem_binder")
+        if binder is None:  # inspect.signature is slow: once per task
+            binder = self.__dict__["_idem_binder"] = Binder(signature_of(self.run))
+        signature = binder.signature
         misplaced = sorted(name for name in kwargs if name.startswith(PREFIX))
         if misplaced and (signature is None or not all(
                 name in signature.parameters for name in misplaced)):
@@ -201,7 +203,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
                 "apply_async(..., idempotency_key=...) or publish inside "
                 "`with idempotency_key(...):`", key=kwargs.get(KEY_HEADER))
         try:
-            return bind_arguments(signature, args, kwargs)
+            return binder.bind(args, kwargs)
         except ArgumentsNotCanonical:
             if self.typing:
                 # Celery's own check says it as Celery would (a TypeError either way).
@@ -406,8 +408,8 @@ class IdempotentTask(Task):  # type: ignore[misc]
             return IdempotentResult(publication.original_task_id, store=store, ref=target.ref,
                                     accept=accept, duplicate=True, app=self.app,
                                     task_name=self.name, replayable=replayable)
-        eager = sent if getattr(sent, "id", None) == task_id and self.app.conf.task_always_eager \
-            else None
+        # What apply_async returns under task_always_eager (an app.conf lookup costs more).
+        eager = sent if isinstance(sent, EagerResult) and sent.id == task_id else None
         handle = IdempotentResult(task_id, store=store, ref=target.ref, accept=accept,
                                   duplicate=publication.duplicate, app=self.app,
                                   task_name=self.name, eager=eager, replayable=replayable,
@@ -445,8 +447,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
             steps = Steps.unclaimed(
                 ref=lambda: self.key_target_of_message(args, kwargs, headers).ref,
                 task_name=self.name, task_id=request.id, sender=self)
-            with _steps_of_run(self, steps):
-                return super().__call__(*args, **kwargs)
+            return _call_with_steps(self, steps, super().__call__, args, kwargs)
         target = self.key_target_of_message(args, kwargs, headers)
         return _CeleryExecution(self, target, args, kwargs,
                                 store_attempt=int(headers.get(STORE_ATTEMPT_HEADER) or 0),
@@ -493,8 +494,8 @@ class _CeleryExecution(Execution):
         return self.task.idem_store(config)
 
     def run_task(self) -> Any:
-        with _steps_of_run(self.task, self.steps):
-            return super(IdempotentTask, self.task).__call__(*self.args, **self.kwargs)
+        return _call_with_steps(self.task, self.steps, super(IdempotentTask, self.task).__call__,
+                                self.args, self.kwargs)
 
     def claimed(self, fence: int) -> None:
         self.task.request.idempotency_fence = fence
