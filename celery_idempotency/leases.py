@@ -11,7 +11,6 @@ import hashlib
 import itertools
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
@@ -43,7 +42,7 @@ def new_owner_token() -> str:
     pid = os.getpid()
     if _prefix_of_pid[0] != pid:  # formatted once per process (a fork changes the pid)
         _prefix_of_pid = (pid, owner_prefix(pid))
-    return _prefix_of_pid[1] + secrets.token_hex(4)
+    return _prefix_of_pid[1] + os.urandom(4).hex()  # as secrets.token_hex(4)
 
 
 @dataclass

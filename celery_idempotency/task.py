@@ -65,6 +65,7 @@ from .protocol import (
 from .result import IdempotentResult, accept_for, lookup
 from .steps import Steps
 from .store import KeyStore, store_for_app
+from .store.eviction import eviction_guard
 from .worker import IdempotentRequest
 
 __all__ = ["STORE_ATTEMPT_HEADER", "IdempotentTask", "KeyTarget"]
@@ -80,12 +81,13 @@ _OUR_HEADERS = (KEY_HEADER, FINGERPRINT_HEADER, STORE_ATTEMPT_HEADER, BUSY_ATTEM
 
 # The steps of the task run in progress in this thread (or greenlet), with its task: set
 # around the task body, so that `IdempotentTask.step` finds its own run's, never another's.
-_current_steps: ContextVar[tuple[Any, Steps] | None] = ContextVar(
+# Either the steps, or what makes them on first use (most tasks take no step).
+_current_steps: ContextVar[tuple[Any, Steps | Callable[[], Steps]] | None] = ContextVar(
     "celery_idempotency_steps", default=None)
 
 
-def _call_with_steps(task: Any, steps: Steps, call: Callable[..., Any], args: Any,
-                     kwargs: Any) -> Any:
+def _call_with_steps(task: Any, steps: Steps | Callable[[], Steps], call: Callable[..., Any],
+                     args: Any, kwargs: Any) -> Any:
     """``call(*args, **kwargs)`` with ``steps`` as the task's current run (not a
     generator-based context manager: this is on every task's path)."""
     token = _current_steps.set((task, steps))
@@ -113,6 +115,8 @@ class IdempotentTask(Task):  # type: ignore[misc]
     #: This task's resolved settings, once read; cleared by ``bind`` (as Celery clears
     #: ``_exec_options``) and by `reset_idem_config`.
     _idem_config: IdempotencyConfig | None = None
+    #: (``_idem_config``, its store), once the store's eviction check passed (`idem_store`).
+    _idem_store_kept: tuple[IdempotencyConfig, KeyStore] | None = None
 
     if not celery_compat.PUSH_REQUEST_KEEPS_REQUEST:  # Celery 5.4
         def push_request(self, *args: Any, **kwargs: Any) -> None:
@@ -160,12 +164,24 @@ class IdempotentTask(Task):  # type: ignore[misc]
         """Forget the resolved settings: the next use reads ``app.conf`` again (after it
         changed, e.g. a test pointing the app at another store)."""
         cls._idem_config = None
+        cls._idem_store_kept = None
 
     def idem_store(self, config: IdempotencyConfig | None = None) -> KeyStore:
         config = config or self.idem_config()
-        return store_for_app(self.app, config.store_url, prefix=config.key_prefix,
-                             timeout=config.store_timeout,
-                             allow_evicting=config.allow_evicting_store)
+        # Every publish and execution asks: the store of the task's own settings is kept on
+        # the class once its eviction check passed (`store_for_app` takes a lock and checks
+        # again on each call). A message's own scope/ttl make another config: the long way.
+        kept = type(self).__dict__.get("_idem_store_kept")
+        if kept is not None and kept[0] is config:
+            store: KeyStore = kept[1]
+            return store
+        store = store_for_app(self.app, config.store_url, prefix=config.key_prefix,
+                              timeout=config.store_timeout,
+                              allow_evicting=config.allow_evicting_store)
+        own = config is type(self).__dict__.get("_idem_config")
+        if own and eviction_guard.passed(store, allow_evicting=config.allow_evicting_store):
+            type(self)._idem_store_kept = (config, store)
+        return store
 
     def key_target(self, args: Any, kwargs: Any, *, key: str | None,
                    message_options: Mapping[str, Any], fp: str | None = None) -> KeyTarget:
@@ -252,7 +268,8 @@ class IdempotentTask(Task):  # type: ignore[misc]
     def _current_steps(self) -> Steps:
         current = _current_steps.get()
         if current is not None and current[0] is self:
-            return current[1]
+            steps = current[1]
+            return steps if isinstance(steps, Steps) else steps()
         # Not inside this task's run (e.g. called from outside a task): no claim, no key.
         return Steps.unclaimed(ref=None, task_name=self.name, task_id=None, sender=self)
 
@@ -427,8 +444,10 @@ class IdempotentTask(Task):  # type: ignore[misc]
     @staticmethod
     def _is_republish_of_running(task_id: str | None) -> bool:
         # Not self.request: a task bound lazily by another thread may not have one yet.
+        if not task_id:
+            return False
         current = current_worker_task()
-        return bool(task_id and current is not None and current.request.id == task_id)
+        return bool(current is not None and current.request.id == task_id)
 
     # -- execute -------------------------------------------------------------------------------
 
@@ -494,8 +513,11 @@ class _CeleryExecution(Execution):
         return self.task.idem_store(config)
 
     def run_task(self) -> Any:
-        return _call_with_steps(self.task, self.steps, super(IdempotentTask, self.task).__call__,
-                                self.args, self.kwargs)
+        return _call_with_steps(self.task, self._steps_of_run,
+                                super(IdempotentTask, self.task).__call__, self.args, self.kwargs)
+
+    def _steps_of_run(self) -> Steps:
+        return self.steps
 
     def claimed(self, fence: int) -> None:
         self.task.request.idempotency_fence = fence
