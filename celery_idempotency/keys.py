@@ -73,6 +73,12 @@ def validate_key(key: object, *, what: str = "idempotency key") -> str:
 
 def _canonical(value: Any, path: str, depth: int = 0,
                containing: set[int] | None = None) -> Any:
+    kind = type(value)  # the usual types first, by identity (isinstance chains add up)
+    if kind is str or kind is int or kind is bool:
+        return value
+    if kind is dict or kind is list or kind is tuple:
+        return _canonical_container(value, path, depth,
+                                    set() if containing is None else containing)
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):

@@ -75,7 +75,7 @@ _CELERY_BUILTINS = "celery.app.builtins"  # the module of Celery's own tasks
 # Options of a message that is part of a canvas: such a message is always published, and its
 # duplicate short-circuits at execution, so that callbacks, chords and group results still fire.
 # Present, even empty, is enough: the last step of a chain is sent with ``chain=[]``.
-_CANVAS_OPTIONS = ("link", "link_error", "chain", "chord", "group_id")
+_CANVAS_OPTIONS = frozenset(("link", "link_error", "chain", "chord", "group_id"))
 _OUR_HEADERS = (KEY_HEADER, FINGERPRINT_HEADER, STORE_ATTEMPT_HEADER, BUSY_ATTEMPT_HEADER,
                 *(PREFIX + name for name in PER_MESSAGE))
 
@@ -211,7 +211,8 @@ class IdempotentTask(Task):  # type: ignore[misc]
         if binder is None:  # inspect.signature is slow: once per task
             binder = self.__dict__["_idem_binder"] = Binder(signature_of(self.run))
         signature = binder.signature
-        misplaced = sorted(name for name in kwargs if name.startswith(PREFIX))
+        misplaced = sorted(name for name in kwargs if name.startswith(PREFIX)) if kwargs \
+            else None
         if misplaced and (signature is None or not all(
                 name in signature.parameters for name in misplaced)):
             raise ArgumentsNotCanonical(
@@ -323,8 +324,9 @@ class IdempotentTask(Task):  # type: ignore[misc]
         final_id = task_id or uuid()
         options["headers"] = {**headers, **message_options, KEY_HEADER: target.ref.key,
                               FINGERPRINT_HEADER: target.fingerprint}
-        in_canvas = bool(link or link_error) or any(
-            options.get(name) is not None for name in _CANVAS_OPTIONS)
+        present = options.keys() & _CANVAS_OPTIONS  # mostly none: no generator to run
+        in_canvas = bool(link or link_error) or (bool(present) and any(
+            options[name] is not None for name in present))
         return BatchCall(target, final_id, lambda: send(options, final_id),
                          delay_ms=_retry_delay_ms(options.get("countdown") or options.get("eta")),
                          deduplicate=not (in_canvas or holds_own_id))
@@ -457,9 +459,12 @@ class IdempotentTask(Task):  # type: ignore[misc]
         request.idempotency_fence = None
         # Custom headers are request attributes on a worker, and only in request.headers when
         # run eagerly by apply().
+        # Read from the request's own attributes (none of ours is a class attribute of
+        # Celery's Context): getattr of an absent one raises and formats an AttributeError.
+        fields = vars(request)
         headers = {**(request.headers or {}),
                    **{name: value for name in _OUR_HEADERS
-                      if (value := getattr(request, name, None)) is not None}}
+                      if (value := fields.get(name)) is not None}}
         if request.called_directly or not self.idem_config().enabled:
             # No claim: steps just run; step_key() uses the message's key, else derives it
             # from the arguments (only if asked: a direct call needs no key).
@@ -468,7 +473,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
                 task_name=self.name, task_id=request.id, sender=self)
             return _call_with_steps(self, steps, super().__call__, args, kwargs)
         target = self.key_target_of_message(args, kwargs, headers)
-        return _CeleryExecution(self, target, args, kwargs,
+        return _CeleryExecution(self, request, target, args, kwargs,
                                 store_attempt=int(headers.get(STORE_ATTEMPT_HEADER) or 0),
                                 busy_attempt=_count(headers.get(BUSY_ATTEMPT_HEADER))
                                 ).execute()
@@ -502,12 +507,14 @@ class IdempotentTask(Task):  # type: ignore[misc]
 class _CeleryExecution(Execution):
     """One execution of an `IdempotentTask`: the protocol's hooks in Celery's terms."""
 
-    def __init__(self, task: IdempotentTask, target: KeyTarget, args: tuple[Any, ...],
-                 kwargs: dict[str, Any], *, store_attempt: int, busy_attempt: int = 0) -> None:
-        super().__init__(target, sender=task, task_name=task.name, task_id=task.request.id,
+    def __init__(self, task: IdempotentTask, request: Any, target: KeyTarget,
+                 args: tuple[Any, ...], kwargs: dict[str, Any], *, store_attempt: int,
+                 busy_attempt: int = 0) -> None:
+        super().__init__(target, sender=task, task_name=task.name, task_id=request.id,
                          lease_ms=target.config.lease_ms(task.time_limit),
                          store_attempt=store_attempt, busy_attempt=busy_attempt)
-        self.task, self.args, self.kwargs = task, args, kwargs
+        # The request being executed (``task.request`` is a thread-local stack lookup).
+        self.task, self.request, self.args, self.kwargs = task, request, args, kwargs
 
     def open_store(self, config: IdempotencyConfig) -> KeyStore:
         return self.task.idem_store(config)
@@ -520,7 +527,7 @@ class _CeleryExecution(Execution):
         return self.steps
 
     def claimed(self, fence: int) -> None:
-        self.task.request.idempotency_fence = fence
+        self.request.idempotency_fence = fence
 
     def no_outcome(self, exc: BaseException) -> NoOutcome | None:
         if isinstance(exc, Retry):
