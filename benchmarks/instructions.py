@@ -12,9 +12,10 @@ in-process too):
 * publish: ``apply_async`` of the plain task, of the `IdempotentTask` with its store call
   (``reserve``) replaced by a constant reply ("store free": the library's own Python), and with
   the real call to a private redis-server (adds redis-py and the script's arguments and reply);
-* worker: ``Task.apply()`` (Celery's tracer, as a worker runs a message) of the plain task and
-  of the `IdempotentTask` with the headers a published message carries, ``claim``/``complete``
-  free, then real.
+* worker: ``Task.apply()`` (Celery's tracer, as a worker runs a message) of the plain task, of
+  the same task on a base class that only overrides ``__call__`` (what hooking ``__call__``
+  costs in Celery by itself), and of the `IdempotentTask` with the headers a published message
+  carries, ``claim``/``complete`` free, then real.
 
 Instructions of another process (redis-server) are not counted; a round trip's wait costs
 none. ``--annotate`` prints ``callgrind_annotate --inclusive=yes`` of the plain and "store free"
@@ -36,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 CASES = ("publish plain", "publish idempotent, store free", "publish idempotent",
-         "worker plain", "worker idempotent, store free", "worker idempotent")
+         "worker plain", "worker plain, __call__ overridden", "worker idempotent, store free",
+         "worker idempotent")
 _CHILD = "--child"
 
 
@@ -56,6 +58,8 @@ def _run(blocks: list[Block], *, collected: bool) -> None:
 
 def child(n: int, store_url: str, effects_url: str) -> None:
     os.environ.update({"BENCH_EFFECTS_URL": effects_url})
+    from celery import Task
+
     from celery_idempotency.config import FINGERPRINT_HEADER, KEY_HEADER
     from celery_idempotency.keys import bind_arguments, fingerprint
     from celery_idempotency.store import ClaimStatus, RedisKeyStore, ReserveStatus
@@ -67,6 +71,14 @@ def child(n: int, store_url: str, effects_url: str) -> None:
                         singleton_url=store_url, queue="idem-instructions",
                         remote_control=False)
     plain, idem = bench_app.plain, bench_app.idem
+
+    class CallOverridden(Task):  # type: ignore[misc]
+        # What overriding __call__ costs by itself: Celery's tracer then calls the task
+        # object (pushing a request of its own) instead of its run() (IdempotentTask must).
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return super().__call__(*args, **kwargs)
+
+    overridden = bench_app.bench_task("bench.call-overridden", CallOverridden)
     run = uuid.uuid4().hex[:8]
     counter = [0]
     real = RedisKeyStore.reserve, RedisKeyStore.claim, RedisKeyStore.complete
@@ -130,7 +142,8 @@ def child(n: int, store_url: str, effects_url: str) -> None:
         return prepare
 
     blocks = [publish(plain, False), publish(idem, True), publish(idem, False),
-              execute(plain, False), execute(idem, True), execute(idem, False)]
+              execute(plain, False), execute(overridden, False), execute(idem, True),
+              execute(idem, False)]
     _run(blocks, collected=False)  # warm-up: first-use caches, imports, connections
     _run(blocks, collected=True)
 
@@ -192,20 +205,25 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=200, help="calls per measured block")
     parser.add_argument("--annotate", action="store_true",
-                        help="print callgrind_annotate (inclusive) of the plain and 'store free' blocks")
+                        help="print callgrind_annotate (inclusive) of the plain and 'store "
+                        "free' blocks")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     args = parser.parse_args(argv)
     per_task = measure(args.n, annotate=args.annotate)
     if args.json:
         print(json.dumps(per_task, indent=2))
         return 0
+    print(f"instructions per task ({args.n} calls per case)")
+    for case in CASES:
+        print(f"  {case:36} {per_task[case]:>11,.0f}")
     for path in ("publish", "worker"):
         plain = per_task[f"{path} plain"]
         free = per_task[f"{path} idempotent, store free"]
         real = per_task[f"{path} idempotent"]
-        print(f"{path:8} plain {plain:>9,.0f}  idempotent {real:>9,.0f} (+{real - plain:,.0f})  "
-              f"store free {free:>9,.0f} (library Python +{free - plain:,.0f}) "
-              f"instructions/task")
+        print(f"{path}: idempotent - plain {real - plain:>+10,.0f}; library Python (store free "
+              f"- plain) {free - plain:>+10,.0f}; store calls (client side) {real - free:>+10,.0f}")
+    overridden = per_task["worker plain, __call__ overridden"] - per_task["worker plain"]
+    print(f"worker: of the library Python, overriding __call__ alone {overridden:>+10,.0f}")
     return 0
 
 
