@@ -36,8 +36,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-CASES = ("publish plain", "publish idempotent, store free", "publish idempotent",
-         "worker plain", "worker plain, __call__ overridden", "worker idempotent, store free",
+CASES = ("publish plain", "publish plain + 1 PING", "publish idempotent, store free",
+         "publish idempotent", "worker plain", "worker plain + 2 PING",
+         "worker plain, __call__ overridden", "worker idempotent, store free",
          "worker idempotent")
 _CHILD = "--child"
 
@@ -93,7 +94,9 @@ def child(n: int, store_url: str, effects_url: str) -> None:
         RedisKeyStore.claim = lambda self, ref, **_: claimed  # type: ignore[method-assign]
         RedisKeyStore.complete = lambda self, ref, **_: None  # type: ignore[method-assign]
 
-    def publish(task: Any, store_free: bool) -> Block:
+    ping = idem.idem_store().client.ping  # the store's own client: a bare round trip
+
+    def publish(task: Any, store_free: bool, pings: int = 0) -> Block:
         def prepare() -> Callable[[], None]:
             calls = []
             for _ in range(n):
@@ -105,12 +108,14 @@ def child(n: int, store_url: str, effects_url: str) -> None:
                 try:
                     for args in calls:
                         task.apply_async(args)
+                        for _ in range(pings):
+                            ping()
                 finally:
                     free(False)
             return counted
         return prepare
 
-    def execute(task: Any, store_free: bool) -> Block:
+    def execute(task: Any, store_free: bool, pings: int = 0) -> Block:
         def prepare() -> Callable[[], None]:
             calls = []
             for _ in range(n):
@@ -134,6 +139,8 @@ def child(n: int, store_url: str, effects_url: str) -> None:
                 try:
                     for args, headers in calls:
                         outcome = task.apply(args, headers=headers)
+                        for _ in range(pings):
+                            ping()
                         if outcome.state != "SUCCESS":
                             raise RuntimeError(f"{outcome.state} {outcome.traceback}")
                 finally:
@@ -141,9 +148,9 @@ def child(n: int, store_url: str, effects_url: str) -> None:
             return counted
         return prepare
 
-    blocks = [publish(plain, False), publish(idem, True), publish(idem, False),
-              execute(plain, False), execute(overridden, False), execute(idem, True),
-              execute(idem, False)]
+    blocks = [publish(plain, False), publish(plain, False, pings=1), publish(idem, True),
+              publish(idem, False), execute(plain, False), execute(plain, False, pings=2),
+              execute(overridden, False), execute(idem, True), execute(idem, False)]
     _run(blocks, collected=False)  # warm-up: first-use caches, imports, connections
     _run(blocks, collected=True)
 
@@ -216,12 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"instructions per task ({args.n} calls per case)")
     for case in CASES:
         print(f"  {case:36} {per_task[case]:>11,.0f}")
-    for path in ("publish", "worker"):
+    for path, pings in (("publish", 1), ("worker", 2)):
         plain = per_task[f"{path} plain"]
+        floor = per_task[f"{path} plain + {pings} PING"]
         free = per_task[f"{path} idempotent, store free"]
         real = per_task[f"{path} idempotent"]
         print(f"{path}: idempotent - plain {real - plain:>+10,.0f}; library Python (store free "
-              f"- plain) {free - plain:>+10,.0f}; store calls (client side) {real - free:>+10,.0f}")
+              f"- plain) {free - plain:>+10,.0f}; store calls (client side) {real - free:>+10,.0f}"
+              f"; {pings} bare PING {floor - plain:>+10,.0f}; above plain + PING "
+              f"{real - floor:>+10,.0f}")
     overridden = per_task["worker plain, __call__ overridden"] - per_task["worker plain"]
     print(f"worker: of the library Python, overriding __call__ alone {overridden:>+10,.0f}")
     return 0
