@@ -28,6 +28,7 @@ import argparse
 import ctypes
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -193,6 +194,8 @@ def measure(n: int, *, annotate: bool = False) -> dict[str, Any]:
                                          check=True, capture_output=True, text=True).stdout[:5000])
     finally:
         server.stop()
+        if not annotate:  # the profiles are only read for --annotate
+            shutil.rmtree(tmp, ignore_errors=True)
     return per_task
 
 
