@@ -112,6 +112,8 @@ class IdempotencyConfig:
 
     def with_message_options(self, options: Mapping[str, Any]) -> IdempotencyConfig:
         """Apply per-message overrides (``scope``, ``ttl``) given as ``idempotency_*`` names."""
+        if not options:  # the common case, on every publish and execution
+            return self
         changes: dict[str, Any] = {}
         for name, value in options.items():
             short = name[len(PREFIX):] if name.startswith(PREFIX) else name
@@ -225,6 +227,8 @@ def _validate(name: str, value: Any) -> Any:
 
 def reject_unknown_names(names: Sequence[str], where: str) -> None:
     """Raise `ConfigurationError` for any ``idempotency_*`` name that is not a setting."""
+    if not names:
+        return
     unknown = sorted(n for n in names if n.startswith(PREFIX)
                      and n[len(PREFIX):] not in SETTING_NAMES)
     if unknown:

@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import json
 import math
+import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ _FINGERPRINT_CHARS = 16
 _RECORD_DIGEST_CHARS = 21
 
 KeyFunc = Callable[[Sequence[Any], Mapping[str, Any]], str]
+# C0 controls, DEL and C1 controls: one regex search instead of a Python loop over the key.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -74,16 +77,22 @@ def validate_key(key: object, *, what: str = "idempotency key") -> str:
         raise InvalidIdempotencyKey(
             f"{what} is {len(key)} characters long; the limit is {MAX_KEY_LENGTH}",
             key=key[:40] + "...")
-    for char in key:
-        code = ord(char)
-        if code < 0x20 or 0x7F <= code <= 0x9F:
-            raise InvalidIdempotencyKey(
-                f"{what} contains the control character U+{code:04X}", key=repr(key)[:80])
+    control = _CONTROL.search(key)
+    if control is not None:
+        raise InvalidIdempotencyKey(
+            f"{what} contains the control character U+{ord(control.group()):04X}",
+            key=repr(key)[:80])
     return key
 
 
 def _canonical(value: Any, path: str, depth: int = 0,
                containing: set[int] | None = None) -> Any:
+    kind = type(value)  # the usual types first, by identity (isinstance chains add up)
+    if kind is str or kind is int or kind is bool:
+        return value
+    if kind is dict or kind is list or kind is tuple:
+        return _canonical_container(value, path, depth,
+                                    set() if containing is None else containing)
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
@@ -177,6 +186,48 @@ def bind_arguments(func: Callable[..., Any] | inspect.Signature | None, args: Se
         if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
             arguments[name] = list(arguments.get(name, ()))
     return arguments
+
+
+class Binder:
+    """`bind_arguments` for one signature, prepared once (per task): a call that fits a
+    signature of plain parameters (no ``*args``, ``**kwargs``, positional- or keyword-only)
+    is bound without `inspect.Signature.bind`, which costs more than the rest of a key's
+    derivation. Anything else, and every call that does not fit (to raise its error), goes
+    through `bind_arguments`: the result is the same dict, in parameter order."""
+
+    __slots__ = ("_defaults", "_names", "signature")
+
+    def __init__(self, signature: inspect.Signature | None) -> None:
+        self.signature = signature
+        self._names: tuple[str, ...] | None = None
+        self._defaults: dict[str, Any] = {}
+        if signature is None:
+            return
+        parameters = signature.parameters.values()
+        if all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in parameters):
+            self._names = tuple(signature.parameters)
+            self._defaults = {p.name: p.default for p in parameters
+                              if p.default is not inspect.Parameter.empty}
+
+    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        names = self._names
+        if names is None or len(args) > len(names):
+            return bind_arguments(self.signature, args, kwargs)
+        arguments = dict(zip(names, args, strict=False))  # len(args) <= len(names)
+        if kwargs or len(arguments) < len(names):
+            defaults = self._defaults
+            used = 0
+            for name in names[len(args):]:
+                if name in kwargs:
+                    arguments[name] = kwargs[name]
+                    used += 1
+                elif name in defaults:
+                    arguments[name] = defaults[name]
+                else:  # missing: Signature.bind says so
+                    return bind_arguments(self.signature, args, kwargs)
+            if used != len(kwargs):  # unknown or given twice: Signature.bind says so
+                return bind_arguments(self.signature, args, kwargs)
+        return arguments
 
 
 def arguments_digest(arguments: Mapping[str, Any]) -> str:

@@ -11,7 +11,6 @@ import hashlib
 import itertools
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
@@ -33,10 +32,17 @@ def owner_prefix(pid: int) -> str:
     return f"{_HOST}:{pid:x}."
 
 
+_prefix_of_pid: tuple[int, str] = (-1, "")
+
+
 def new_owner_token() -> str:
     # Unique per process by the prefix; 32 random bits tell its claims apart. Short, because
     # the owner stays in every record.
-    return owner_prefix(os.getpid()) + secrets.token_hex(4)
+    global _prefix_of_pid
+    pid = os.getpid()
+    if _prefix_of_pid[0] != pid:  # formatted once per process (a fork changes the pid)
+        _prefix_of_pid = (pid, owner_prefix(pid))
+    return _prefix_of_pid[1] + os.urandom(4).hex()  # as secrets.token_hex(4)
 
 
 @dataclass

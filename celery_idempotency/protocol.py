@@ -235,10 +235,32 @@ class Execution:
         self.store_attempt = store_attempt  # how often the store could not be used so far
         self.busy_attempt = busy_attempt  # how often a live owner held the key so far
         self.parked = parked  # this message (a copy of it) parked on the record before
-        #: The steps of this run: recorded once the key is claimed (`_run_claimed`); until
-        #: then (run unprotected under fail_open) a step just calls its function.
-        self.steps = Steps.unclaimed(ref=self.ref, task_name=task_name, task_id=task_id,
-                                     sender=sender)
+        self._steps: Steps | None = None
+        # (store, owner, fence) once claimed: the claimed run's steps are made from it.
+        self._claim_held: tuple[KeyStore, str, int] | None = None
+
+    @property
+    def steps(self) -> Steps:
+        """The steps of this run: recorded once the key is claimed (`_run_claimed`); until
+        then (run unprotected under fail_open) a step just calls its function. Made on first
+        use: most tasks take no step."""
+        if self._steps is None:
+            if self._claim_held is None:
+                self._steps = Steps.unclaimed(ref=self.ref, task_name=self.task_name,
+                                              task_id=self.task_id, sender=self.sender)
+            else:
+                store, owner, fence = self._claim_held
+                self._steps = Steps(ref=self.ref, config=self.config, task_name=self.task_name,
+                                    task_id=self.task_id, sender=self.sender,
+                                    claim=StepClaim(store, owner, fence, self.lease_ms),
+                                    accept=self.accept_for(self.config.result_serializer),
+                                    on_store_unavailable=self._step_store_problem,
+                                    on_lease_expired=self._step_lease_expired)
+        return self._steps
+
+    @steps.setter
+    def steps(self, steps: Steps) -> None:
+        self._steps = steps
 
     def execute(self) -> Any:
         """Claim the key, then run the task, replay its outcome, or come back later."""
@@ -407,12 +429,7 @@ class Execution:
                         task_id=self.task_id, fence=claim.fence,
                         took_over=claim.status is ClaimStatus.TAKEN_OVER)
         self.claimed(claim.fence)
-        self.steps = Steps(ref=ref, config=self.config, task_name=self.task_name,
-                           task_id=self.task_id, sender=self.sender,
-                           claim=StepClaim(store, owner, claim.fence, self.lease_ms),
-                           accept=self.accept_for(self.config.result_serializer),
-                           on_store_unavailable=self._step_store_problem,
-                           on_lease_expired=self._step_lease_expired)
+        self._steps, self._claim_held = None, (store, owner, claim.fence)
         held = lease_keeper.hold(store, ref, owner, self.lease_ms, fence=claim.fence)
         try:
             return self._get_function_response(store, owner, claim.fence)
@@ -445,7 +462,8 @@ class Execution:
         """Whether a step found that another worker took the key over. Then this run writes
         nothing (no outcome, no release): the key is the new owner's, and whatever this run
         ends with (`OwnershipLost`, unless the task caught it) is only its own task id's."""
-        lost = self.steps.ownership_lost
+        steps = self._steps  # None: no step was taken, none found the claim lost
+        lost = steps.ownership_lost if steps is not None else None
         if lost is not None:
             logger.warning("%s[%s] key=%r: lost the claim at a step; no outcome recorded, the "
                            "key is left to its new owner", self.task_name, self.task_id,

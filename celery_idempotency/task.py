@@ -11,10 +11,9 @@ signature.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 from celery import Signature, Task
 from celery.backends.base import DisabledBackend
 from celery.exceptions import Ignore, Reject, Retry
-from celery.result import ResultBase
+from celery.result import EagerResult, ResultBase
 from celery.utils import uuid
 from kombu.utils import json as kombu_json
 
@@ -47,6 +46,7 @@ from .exceptions import (
     IdempotencyKeyRequired,
 )
 from .keys import (
+    Binder,
     RecordRef,
     arguments_digest,
     bind_arguments,
@@ -68,6 +68,7 @@ from .protocol import (
 from .result import IdempotentResult, accept_for, lookup
 from .steps import Steps
 from .store import KeyStore, ParkedDuplicate, store_for_app
+from .store.eviction import eviction_guard
 from .worker import IdempotentRequest
 
 __all__ = ["STORE_ATTEMPT_HEADER", "IdempotentTask", "KeyTarget"]
@@ -77,7 +78,7 @@ _CELERY_BUILTINS = "celery.app.builtins"  # the module of Celery's own tasks
 # Options of a message that is part of a canvas: such a message is always published, and its
 # duplicate short-circuits at execution, so that callbacks, chords and group results still fire.
 # Present, even empty, is enough: the last step of a chain is sent with ``chain=[]``.
-_CANVAS_OPTIONS = ("link", "link_error", "chain", "chord", "group_id")
+_CANVAS_OPTIONS = frozenset(("link", "link_error", "chain", "chord", "group_id"))
 _OUR_HEADERS = (KEY_HEADER, FINGERPRINT_HEADER, STORE_ATTEMPT_HEADER, BUSY_ATTEMPT_HEADER,
                 PARKED_HEADER,
                 *(PREFIX + name for name in PER_MESSAGE))
@@ -88,15 +89,18 @@ _NOT_PARKED = ("task_id", "countdown", "eta", "redelivered")
 
 # The steps of the task run in progress in this thread (or greenlet), with its task: set
 # around the task body, so that `IdempotentTask.step` finds its own run's, never another's.
-_current_steps: ContextVar[tuple[Any, Steps] | None] = ContextVar(
+# Either the steps, or what makes them on first use (most tasks take no step).
+_current_steps: ContextVar[tuple[Any, Steps | Callable[[], Steps]] | None] = ContextVar(
     "celery_idempotency_steps", default=None)
 
 
-@contextlib.contextmanager
-def _steps_of_run(task: Any, steps: Steps) -> Iterator[None]:
+def _call_with_steps(task: Any, steps: Steps | Callable[[], Steps], call: Callable[..., Any],
+                     args: Any, kwargs: Any) -> Any:
+    """``call(*args, **kwargs)`` with ``steps`` as the task's current run (not a
+    generator-based context manager: this is on every task's path)."""
     token = _current_steps.set((task, steps))
     try:
-        yield
+        return call(*args, **kwargs)
     finally:
         _current_steps.reset(token)
 
@@ -119,6 +123,8 @@ class IdempotentTask(Task):  # type: ignore[misc]
     #: This task's resolved settings, once read; cleared by ``bind`` (as Celery clears
     #: ``_exec_options``) and by `reset_idem_config`.
     _idem_config: IdempotencyConfig | None = None
+    #: (``_idem_config``, its store), once the store's eviction check passed (`idem_store`).
+    _idem_store_kept: tuple[IdempotencyConfig, KeyStore] | None = None
 
     if not celery_compat.PUSH_REQUEST_KEEPS_REQUEST:  # Celery 5.4
         def push_request(self, *args: Any, **kwargs: Any) -> None:
@@ -166,12 +172,24 @@ class IdempotentTask(Task):  # type: ignore[misc]
         """Forget the resolved settings: the next use reads ``app.conf`` again (after it
         changed, e.g. a test pointing the app at another store)."""
         cls._idem_config = None
+        cls._idem_store_kept = None
 
     def idem_store(self, config: IdempotencyConfig | None = None) -> KeyStore:
         config = config or self.idem_config()
-        return store_for_app(self.app, config.store_url, prefix=config.key_prefix,
-                             timeout=config.store_timeout,
-                             allow_evicting=config.allow_evicting_store)
+        # Every publish and execution asks: the store of the task's own settings is kept on
+        # the class once its eviction check passed (`store_for_app` takes a lock and checks
+        # again on each call). A message's own scope/ttl make another config: the long way.
+        kept = type(self).__dict__.get("_idem_store_kept")
+        if kept is not None and kept[0] is config:
+            store: KeyStore = kept[1]
+            return store
+        store = store_for_app(self.app, config.store_url, prefix=config.key_prefix,
+                              timeout=config.store_timeout,
+                              allow_evicting=config.allow_evicting_store)
+        own = config is type(self).__dict__.get("_idem_config")
+        if own and eviction_guard.passed(store, allow_evicting=config.allow_evicting_store):
+            type(self)._idem_store_kept = (config, store)
+        return store
 
     def key_target(self, args: Any, kwargs: Any, *, key: str | None,
                    message_options: Mapping[str, Any], fp: str | None = None) -> KeyTarget:
@@ -197,10 +215,12 @@ class IdempotentTask(Task):  # type: ignore[misc]
         return KeyTarget(RecordRef(config.scope or self.name, key), fp, config)
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        signature = self.__dict__.get("_idem_signature", _UNSET)
-        if signature is _UNSET:  # inspect.signature is slow: once per task
-            signature = self.__dict__["_idem_signature"] = signature_of(self.run)
-        misplaced = sorted(name for name in kwargs if name.startswith(PREFIX))
+        binder: Binder | None = self.__dict__.get("_idem_binder")
+        if binder is None:  # inspect.signature is slow: once per task
+            binder = self.__dict__["_idem_binder"] = Binder(signature_of(self.run))
+        signature = binder.signature
+        misplaced = sorted(name for name in kwargs if name.startswith(PREFIX)) if kwargs \
+            else None
         if misplaced and (signature is None or not all(
                 name in signature.parameters for name in misplaced)):
             raise ArgumentsNotCanonical(
@@ -208,7 +228,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
                 "apply_async(..., idempotency_key=...) or publish inside "
                 "`with idempotency_key(...):`", key=kwargs.get(KEY_HEADER))
         try:
-            return bind_arguments(signature, args, kwargs)
+            return binder.bind(args, kwargs)
         except ArgumentsNotCanonical:
             if self.typing:
                 # Celery's own check says it as Celery would (a TypeError either way).
@@ -257,7 +277,8 @@ class IdempotentTask(Task):  # type: ignore[misc]
     def _current_steps(self) -> Steps:
         current = _current_steps.get()
         if current is not None and current[0] is self:
-            return current[1]
+            steps = current[1]
+            return steps if isinstance(steps, Steps) else steps()
         # Not inside this task's run (e.g. called from outside a task): no claim, no key.
         return Steps.unclaimed(ref=None, task_name=self.name, task_id=None, sender=self)
 
@@ -311,8 +332,9 @@ class IdempotentTask(Task):  # type: ignore[misc]
         final_id = task_id or uuid()
         options["headers"] = {**headers, **message_options, KEY_HEADER: target.ref.key,
                               FINGERPRINT_HEADER: target.fingerprint}
-        in_canvas = bool(link or link_error) or any(
-            options.get(name) is not None for name in _CANVAS_OPTIONS)
+        present = options.keys() & _CANVAS_OPTIONS  # mostly none: no generator to run
+        in_canvas = bool(link or link_error) or (bool(present) and any(
+            options[name] is not None for name in present))
         return BatchCall(target, final_id, lambda: send(options, final_id),
                          delay_ms=_retry_delay_ms(options.get("countdown") or options.get("eta")),
                          deduplicate=not (in_canvas or holds_own_id))
@@ -413,8 +435,8 @@ class IdempotentTask(Task):  # type: ignore[misc]
             return IdempotentResult(publication.original_task_id, store=store, ref=target.ref,
                                     accept=accept, duplicate=True, app=self.app,
                                     task_name=self.name, replayable=replayable)
-        eager = sent if getattr(sent, "id", None) == task_id and self.app.conf.task_always_eager \
-            else None
+        # What apply_async returns under task_always_eager (an app.conf lookup costs more).
+        eager = sent if isinstance(sent, EagerResult) and sent.id == task_id else None
         handle = IdempotentResult(task_id, store=store, ref=target.ref, accept=accept,
                                   duplicate=publication.duplicate, app=self.app,
                                   task_name=self.name, eager=eager, replayable=replayable,
@@ -432,8 +454,10 @@ class IdempotentTask(Task):  # type: ignore[misc]
     @staticmethod
     def _is_republish_of_running(task_id: str | None) -> bool:
         # Not self.request: a task bound lazily by another thread may not have one yet.
+        if not task_id:
+            return False
         current = current_worker_task()
-        return bool(task_id and current is not None and current.request.id == task_id)
+        return bool(current is not None and current.request.id == task_id)
 
     # -- execute -------------------------------------------------------------------------------
 
@@ -443,19 +467,21 @@ class IdempotentTask(Task):  # type: ignore[misc]
         request.idempotency_fence = None
         # Custom headers are request attributes on a worker, and only in request.headers when
         # run eagerly by apply().
+        # Read from the request's own attributes (none of ours is a class attribute of
+        # Celery's Context): getattr of an absent one raises and formats an AttributeError.
+        fields = vars(request)
         headers = {**(request.headers or {}),
                    **{name: value for name in _OUR_HEADERS
-                      if (value := getattr(request, name, None)) is not None}}
+                      if (value := fields.get(name)) is not None}}
         if request.called_directly or not self.idem_config().enabled:
             # No claim: steps just run; step_key() uses the message's key, else derives it
             # from the arguments (only if asked: a direct call needs no key).
             steps = Steps.unclaimed(
                 ref=lambda: self.key_target_of_message(args, kwargs, headers).ref,
                 task_name=self.name, task_id=request.id, sender=self)
-            with _steps_of_run(self, steps):
-                return super().__call__(*args, **kwargs)
+            return _call_with_steps(self, steps, super().__call__, args, kwargs)
         target = self.key_target_of_message(args, kwargs, headers)
-        return _CeleryExecution(self, target, args, kwargs, headers,
+        return _CeleryExecution(self, request, target, args, kwargs, headers,
                                 store_attempt=int(headers.get(STORE_ATTEMPT_HEADER) or 0),
                                 busy_attempt=_count(headers.get(BUSY_ATTEMPT_HEADER)),
                                 parked=bool(_count(headers.get(PARKED_HEADER)))).execute()
@@ -489,24 +515,28 @@ class IdempotentTask(Task):  # type: ignore[misc]
 class _CeleryExecution(Execution):
     """One execution of an `IdempotentTask`: the protocol's hooks in Celery's terms."""
 
-    def __init__(self, task: IdempotentTask, target: KeyTarget, args: tuple[Any, ...],
-                 kwargs: dict[str, Any], headers: Mapping[str, Any], *, store_attempt: int,
-                 busy_attempt: int = 0, parked: bool = False) -> None:
-        super().__init__(target, sender=task, task_name=task.name, task_id=task.request.id,
+    def __init__(self, task: IdempotentTask, request: Any, target: KeyTarget,
+                 args: tuple[Any, ...], kwargs: dict[str, Any], headers: Mapping[str, Any], *,
+                 store_attempt: int, busy_attempt: int = 0, parked: bool = False) -> None:
+        super().__init__(target, sender=task, task_name=task.name, task_id=request.id,
                          lease_ms=target.config.lease_ms(task.time_limit),
                          store_attempt=store_attempt, busy_attempt=busy_attempt, parked=parked)
-        self.task, self.args, self.kwargs = task, args, kwargs
+        # The request being executed (``task.request`` is a thread-local stack lookup).
+        self.task, self.request, self.args, self.kwargs = task, request, args, kwargs
         self.headers = headers  # the message's headers, ours included
 
     def open_store(self, config: IdempotencyConfig) -> KeyStore:
         return self.task.idem_store(config)
 
     def run_task(self) -> Any:
-        with _steps_of_run(self.task, self.steps):
-            return super(IdempotentTask, self.task).__call__(*self.args, **self.kwargs)
+        return _call_with_steps(self.task, self._steps_of_run,
+                                super(IdempotentTask, self.task).__call__, self.args, self.kwargs)
+
+    def _steps_of_run(self) -> Steps:
+        return self.steps
 
     def claimed(self, fence: int) -> None:
-        self.task.request.idempotency_fence = fence
+        self.request.idempotency_fence = fence
 
     def no_outcome(self, exc: BaseException) -> NoOutcome | None:
         if isinstance(exc, Retry):

@@ -156,6 +156,11 @@ class EvictionGuard:
             weakref.WeakKeyDictionary())
         self._lock = threading.Lock()
 
+    def passed(self, store: KeyStore, *, allow_evicting: bool) -> bool:
+        """Whether `check` of ``store`` is settled: it would return at once from now on (a
+        caller may then keep the store and skip asking again)."""
+        return bool(self._safe.get(store) or (allow_evicting and self._accepted.get(store)))
+
     def check(self, store: KeyStore, *, allow_evicting: bool) -> None:
         """Raise `StoreMisconfigured` if ``store`` may evict records and that is not allowed.
 
