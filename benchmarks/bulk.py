@@ -8,7 +8,11 @@ to a queue of our own on the Redis broker, no worker (the queue is deleted after
 * ``IdempotentTask.apply_async``, one call at a time: one store round trip per call, repeats
   not sent;
 * ``IdempotentTask.apply_many``: one store round trip per batch of 1000, one producer, repeats
-  not sent.
+  not sent;
+* the same calls as the members of one plain ``celery.group`` (one store round trip per member,
+  repeats sent: group members always are) and of one ``IdempotentGroup`` (one store round trip
+  for the whole group, repeats sent); a group's message carries its group id and index, and
+  Celery freezes every member first, so both cost more per message than a plain call.
 
 Publishes per second count every call of the sequence, sent or found to be a repeat.
 """
@@ -20,12 +24,17 @@ import time
 import uuid
 from typing import Any
 
+from celery import group
+
+from celery_idempotency import IdempotentGroup
+
 from .app import TASKS
 from .stack import Stack, interleave, median, unique
 
 CASES = ("plain apply_async, every call sent", "idempotent apply_async, one by one",
-         "idempotent apply_many")
-BASELINE, BULK = CASES[0], CASES[2]
+         "idempotent apply_many", "idempotent members, celery.group",
+         "idempotent members, IdempotentGroup")
+BASELINE, BULK, PLAIN_GROUP, BATCHED_GROUP = CASES[0], CASES[2], CASES[3], CASES[4]
 
 
 def call_items(calls: int, duplicate_share: float, seed: int = 14) -> list[int]:
@@ -49,6 +58,9 @@ def _publish_rate(stack: Stack, queue: str, case: str, items: list[int]) -> floa
     start = time.perf_counter()
     if case == BULK:
         TASKS["idempotent"].apply_many([((run, item), {}) for item in items])
+    elif case in (PLAIN_GROUP, BATCHED_GROUP):
+        kind = group if case == PLAIN_GROUP else IdempotentGroup
+        kind(TASKS["idempotent"].s(run, item) for item in items).apply_async()
     else:
         task = TASKS["plain" if case == BASELINE else "idempotent"]
         for item in items:
@@ -76,8 +88,11 @@ def bulk_publish(stack: Stack, *, calls: int, duplicate_share: float, rounds: in
     samples = interleave(list(CASES), rounds, measure)
     stack.flush_stores()
     base = median(samples[BASELINE])
+    group_ratio = median(samples[BATCHED_GROUP]) / median(samples[PLAIN_GROUP])
     return {"calls_per_run": calls, "distinct_keys": len(set(items)),
             "duplicate_share": duplicate_share, "rounds": rounds, "broker": "redis",
             "results": {case: {"calls_per_s": median(samples[case]),
                                "ratio_to_plain": median(samples[case]) / base,
-                               "samples": samples[case]} for case in CASES}}
+                               "samples": samples[case]} for case in CASES},
+            # The batched group against the plain group of the same members.
+            "group_ratio_to_plain_group": group_ratio}

@@ -22,6 +22,7 @@ MIN_WORK_RATIO_TO_PLAIN = 0.93  # unique tasks with 2 ms of I/O (section 1b)
 AHEAD_OF_PEERS_FROM = 0.10  # duplicate share from which IdempotentTask beats both peers
 MAX_LATENCY_OVER_PING = 3.0
 MIN_BULK_RATIO_TO_PLAIN = 1.0  # apply_many of keyed calls vs plain apply_async of the same
+MIN_GROUP_RATIO_TO_PLAIN_GROUP = 1.0  # IdempotentGroup vs celery.group of the same members
 MAX_BYTES_PER_RECORD = 360  # layout C of docs/benchmarks.md (300 needs a product decision)
 MAX_ROUND_TRIPS = {"publish, new key": 1, "execute (first run)": 2,
                    "publish, duplicate while pending": 1,
@@ -280,6 +281,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         checks.append({"target": f"bulk: apply_many (30% repeats) >= {MIN_BULK_RATIO_TO_PLAIN} x "
                        "plain apply_async of the same calls", "value": round(ratio, 3),
                        "met": ratio >= MIN_BULK_RATIO_TO_PLAIN})
+        group_ratio = sections["bulk"].get("group_ratio_to_plain_group")
+        if group_ratio is not None:  # results written before the group cases had none
+            checks.append({"target": f"group: IdempotentGroup (30% repeats) >= "
+                           f"{MIN_GROUP_RATIO_TO_PLAIN_GROUP} x celery.group of the same "
+                           "members", "value": round(group_ratio, 3),
+                           "met": group_ratio >= MIN_GROUP_RATIO_TO_PLAIN_GROUP})
     if "latency" in sections:
         value = sections["latency"]["claim_complete_p50_over_ping_p50"]
         checks.append({"target": f"worker overhead (claim + complete) p50 <= "

@@ -5,6 +5,7 @@ task runs and caches its outcome, so duplicate publishes and redeliveries replay
 instead of repeating the side effect.
 """
 
+from .canvas import IdempotentChord, IdempotentGroup
 from .config import IdempotencyConfig
 from .exceptions import (
     ArgumentsNotCanonical,
@@ -42,6 +43,8 @@ __all__ = [
     "IdempotencyError",
     "IdempotencyKeyMismatch",
     "IdempotencyKeyRequired",
+    "IdempotentChord",
+    "IdempotentGroup",
     "IdempotentResult",
     "IdempotentTask",
     "InvalidIdempotencyKey",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import celery
-from celery import Task, _state
+from celery import Task, _state, chord, group
 from celery.result import AsyncResult
 from celery.worker.request import Request
 
@@ -43,6 +43,8 @@ class PrivateName:
     purpose: str
     #: First Celery (major, minor) that has it; older releases lack it and the feature is off.
     since: tuple[int, int] = (5, 4)
+    #: False: ``parameters`` are the leading ones only (later releases added more after them).
+    exact: bool = True
 
     @property
     def where(self) -> str:
@@ -67,6 +69,10 @@ PRIVATE_SURFACE: tuple[PrivateName, ...] = (
     PrivateName(Task, "_dump_pydantic_arguments", None,
                 "a pydantic=True task's key is derived from the arguments as sent (task.py)",
                 since=(5, 7)),
+    # Celery 5.6 added group_index after kwargs: the leading parameters are what we pass.
+    PrivateName(group, "_apply_tasks", ("tasks", "producer", "app", "p"),
+                "the members of an IdempotentGroup reserve their keys in one round trip "
+                "(canvas.py)", exact=False),
 )
 
 # The public Request methods that IdempotentRequest overrides: a changed signature would make
@@ -78,6 +84,9 @@ OVERRIDDEN_PUBLIC: tuple[PrivateName, ...] = (
                 "a hard time limit's claim is given up (worker.IdempotentRequest)"),
     PrivateName(Request, "reject", ("requeue",),
                 "a requeued message's claim goes back to pending (worker.IdempotentRequest)"),
+    PrivateName(chord, "run", ("header", "body", "partial_args"),
+                "the header of an IdempotentChord is an IdempotentGroup (canvas.py)",
+                exact=False),
 )
 
 
@@ -100,7 +109,7 @@ def problem_with(item: PrivateName) -> str | None:
             found = _parameters(getattr(item.owner, item.name))
         except (TypeError, ValueError):  # not introspectable: a builtin or not callable
             return f"{item.where} in Celery {celery.__version__} is not a Python function"
-        if found != item.parameters:
+        if (found if item.exact else found[:len(item.parameters)]) != item.parameters:
             return (f"{item.where} changed its parameters in Celery {celery.__version__}: "
                     f"expected ({', '.join(item.parameters)}), found ({', '.join(found)}); "
                     f"{item.purpose} may no longer work with it")
@@ -133,6 +142,13 @@ def dump_pydantic_arguments(task: Any, args: Any, kwargs: Any,
         return args, kwargs
     dumped: tuple[Any, Any] = dump(args, kwargs)
     return dumped
+
+
+def apply_group_tasks(members: Any, tasks: list[Any], producer: Any, app: Any, barrier: Any,
+                      **options: Any) -> list[Any]:
+    """Celery's own ``group._apply_tasks`` for ``members`` (a group): send each prepared
+    ``(signature, frozen result, group id)`` of ``tasks`` in order, and their results."""
+    return list(group._apply_tasks(members, tasks, producer, app, barrier, **options))
 
 
 def revoked_or_cancelled(request: Any) -> bool:

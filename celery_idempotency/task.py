@@ -25,7 +25,7 @@ from celery.result import EagerResult, ResultBase
 from celery.utils import uuid
 from kombu.utils import json as kombu_json
 
-from . import celery_compat, pool_check, signals
+from . import celery_compat, group_batch, pool_check, signals
 from .batch import BatchCall, publish_many
 from .celery_compat import current_worker_task, dump_pydantic_arguments
 from .config import (
@@ -291,6 +291,8 @@ class IdempotentTask(Task):  # type: ignore[misc]
                                   link_error=link_error, shadow=shadow, options=options)
         if call.target is None:
             return call.send()
+        if group_batch.collect(self, call):  # a member of an IdempotentGroup: sent with it
+            return None  # (Celery's group keeps the member's frozen result)
         publication = publish(
             call.target, sender=self, task_name=self.name, task_id=call.task_id,
             open_store=self.idem_store, delay_ms=call.delay_ms, deduplicate=call.deduplicate,
