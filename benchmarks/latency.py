@@ -65,7 +65,7 @@ def worker_latency(stack: Stack, *, iterations: int, log: Any) -> dict[str, Any]
             pipe_items.append((ref, task_id))
             refs.append((ref, task_id))
         for ref, task_id in pipe_items:
-            store.reserve(ref, task_id=task_id, fingerprint="f" * 32, task_name="bench.latency",
+            store.reserve(ref, task_id=task_id, fingerprint="f" * 16, task_name="bench.latency",
                           ttl_ms=TTL_MS)
         return refs
 
@@ -97,9 +97,10 @@ def worker_latency(stack: Stack, *, iterations: int, log: Any) -> dict[str, Any]
                 self.client.ping()
             return Claim(ClaimStatus.CLAIMED, fence=1)
 
-        def complete(self: RedisKeyStore, ref: RecordRef, **_: Any) -> None:
+        def complete(self: RedisKeyStore, ref: RecordRef, **_: Any) -> list[Any]:
             if ping:
                 self.client.ping()
+            return []  # no parked duplicates
 
         RedisKeyStore.claim, RedisKeyStore.complete = claim, complete  # type: ignore[method-assign]
 

@@ -91,7 +91,7 @@ def seed_pipelined(store: RedisKeyStore, start: int, count: int) -> list[str]:
                 elif step == "claim":
                     args = script_args("claim", task_id=task_id, owner=owner, fingerprint=fp,
                                        key=ref.key, scope=ref.scope, task_name=TASK_NAME,
-                                       lease_ms=LEASE_MS, ttl_ms=TTL_MS)
+                                       lease_ms=LEASE_MS, ttl_ms=TTL_MS, park="", unpark="")
                 else:
                     args = complete_args(owner=owner, fence=fences[row], result=result,
                                          ttl_ms=TTL_MS)
