@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -14,20 +13,14 @@ import pytest
 from celery_idempotency.config import IdempotencyConfig
 from celery_idempotency.keys import RecordRef
 from celery_idempotency.protocol import BUSY_ATTEMPT_HEADER, Execution, KeyTarget
-from celery_idempotency.result import accept_for
 from celery_idempotency.store import KeyStore, MemoryKeyStore, ResultPayload
+from tests.support.executions import DirectExecution, Resent
 
 REF = RecordRef("tasks.report", "report-7")
 DAY_MS = 24 * 3600 * 1000
 
 
-class Resent(Exception):
-    def __init__(self, delay: float, headers: Mapping[str, Any]) -> None:
-        super().__init__(delay)
-        self.delay, self.headers = delay, dict(headers)
-
-
-class Duplicate(Execution):
+class Duplicate(DirectExecution):
     """A delivery whose body must never run (the owner runs it) and whose re-send is
     recorded instead of published."""
 
@@ -38,20 +31,9 @@ class Duplicate(Execution):
                          task_id="dup", lease_ms=lease_ms, busy_attempt=busy_attempt)
         self.store = store
 
-    def open_store(self, config: IdempotencyConfig) -> KeyStore:
-        return self.store
-
     def run_task(self) -> Any:
         raise AssertionError("the duplicate ran the task body")
 
-    def accept_for(self, serializer: str) -> Any:
-        return accept_for(serializer)
-
-    def message_requeues(self) -> bool:
-        return False
-
-    def republish_later(self, delay: float, extra_headers: Mapping[str, Any]) -> BaseException:
-        return Resent(delay, extra_headers)
 
 
 def _owned(lease_ms: int) -> MemoryKeyStore:

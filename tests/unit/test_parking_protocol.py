@@ -4,33 +4,26 @@ of the copies of the parked message one replays the outcome, the other ends as h
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
 from celery_idempotency.config import IdempotencyConfig
 from celery_idempotency.keys import RecordRef
-from celery_idempotency.protocol import PARKED_HEADER, Execution, KeyTarget
+from celery_idempotency.protocol import PARKED_HEADER, KeyTarget
 from celery_idempotency.records import park_field
-from celery_idempotency.result import accept_for
 from celery_idempotency.store import KeyStore, MemoryKeyStore, ParkedDuplicate
+from tests.support.executions import DirectExecution, Resent
 
 REF = RecordRef("tasks.report", "report-7")
 PARK = b'{"task": "tasks.report", "options": {}}'
-
-
-class Resent(Exception):
-    def __init__(self, delay: float, headers: Mapping[str, Any]) -> None:
-        super().__init__(delay)
-        self.delay, self.headers = delay, dict(headers)
 
 
 class Handled(Exception):
     pass
 
 
-class Delivery(Execution):
+class Delivery(DirectExecution):
     """One delivery of the task: runs ``body`` if it gets the key; records re-sends, wake-ups
     and the end of a handled copy instead of acting on them."""
 
@@ -44,21 +37,10 @@ class Delivery(Execution):
         self.store, self.park, self.body = store, park, body
         self.woken: list[ParkedDuplicate] = []
 
-    def open_store(self, config: IdempotencyConfig) -> KeyStore:
-        return self.store
-
     def run_task(self) -> Any:
         assert self.body is not None, "this delivery must not run the task"
         return self.body()
 
-    def accept_for(self, serializer: str) -> Any:
-        return accept_for(serializer)
-
-    def message_requeues(self) -> bool:
-        return False
-
-    def republish_later(self, delay: float, extra_headers: Mapping[str, Any]) -> BaseException:
-        return Resent(delay, extra_headers)
 
     def park_data(self) -> bytes | None:
         return self.park
