@@ -24,6 +24,8 @@ from celery_once import QueueOnce
 from celery_singleton import Singleton
 
 from celery_idempotency import IdempotentTask
+from celery_idempotency.config import FINGERPRINT_HEADER, KEY_HEADER
+from celery_idempotency.keys import bind_arguments, fingerprint
 from tests.support.apps import RedisFromEnv, point_app_at
 
 ENV_BROKER = "BENCH_BROKER_URL"
@@ -186,3 +188,9 @@ def _write_profile(**_: Any) -> None:
 def configure(**kwargs: Any) -> None:
     """Point this process's app (the publisher) at a stack; drop cached connections."""
     point_app_at(app, **settings(**kwargs))
+
+
+def published_headers(task: Any, key: str, args: tuple[Any, ...]) -> dict[str, Any]:
+    """The key and fingerprint headers `apply_async` stamps on a published message of ``task``
+    (for in-process runs through ``Task.apply``, as a worker would receive it)."""
+    return {KEY_HEADER: key, FINGERPRINT_HEADER: fingerprint(bind_arguments(task.run, args, {}))}

@@ -62,8 +62,7 @@ def child(n: int, store_url: str, effects_url: str) -> None:
     os.environ.update({"BENCH_EFFECTS_URL": effects_url})
     from celery import Task
 
-    from celery_idempotency.config import FINGERPRINT_HEADER, KEY_HEADER
-    from celery_idempotency.keys import bind_arguments, fingerprint
+    from celery_idempotency.config import FINGERPRINT_HEADER
     from celery_idempotency.store import ClaimStatus, RedisKeyStore, ReserveStatus
     from celery_idempotency.store.base import Claim, Reservation
 
@@ -93,7 +92,7 @@ def child(n: int, store_url: str, effects_url: str) -> None:
         claimed = Claim(ClaimStatus.CLAIMED, fence=1)
         RedisKeyStore.reserve = lambda self, ref, **_: reserved  # type: ignore[method-assign]
         RedisKeyStore.claim = lambda self, ref, **_: claimed  # type: ignore[method-assign]
-        RedisKeyStore.complete = lambda self, ref, **_: None  # type: ignore[method-assign]
+        RedisKeyStore.complete = lambda self, ref, **_: []  # type: ignore[method-assign]  # nothing parked
 
     ping = idem.idem_store().client.ping  # the store's own client: a bare round trip
 
@@ -124,9 +123,8 @@ def child(n: int, store_url: str, effects_url: str) -> None:
                 args = (run, counter[0])
                 headers: dict[str, Any] = {}
                 if task is idem:  # what apply_async stamps on a published message
-                    headers = {KEY_HEADER: f"instr-{run}-{counter[0]}",
-                               FINGERPRINT_HEADER: fingerprint(
-                                   bind_arguments(idem.run, args, {}))}
+                    headers = bench_app.published_headers(idem, f"instr-{run}-{counter[0]}",
+                                                          args)
                     if not store_free:  # a pending record, as a publisher leaves it
                         ref = idem.key_target_of_message(args, {}, headers).ref
                         idem.idem_store().reserve(

@@ -21,8 +21,7 @@ import time
 import uuid
 from typing import Any
 
-from celery_idempotency.config import FINGERPRINT_HEADER, KEY_HEADER
-from celery_idempotency.keys import RecordRef, bind_arguments, fingerprint
+from celery_idempotency.keys import RecordRef
 from celery_idempotency.leases import new_owner_token
 from celery_idempotency.outcomes import encode_result
 from celery_idempotency.store import ClaimStatus, RedisKeyStore
@@ -120,8 +119,7 @@ def worker_latency(stack: Stack, *, iterations: int, log: Any) -> dict[str, Any]
             args = (run, counter[0])
             headers: dict[str, Any] = {}
             if task is idem:  # what apply_async stamps on a published message
-                headers = {KEY_HEADER: f"latency-{run}-{counter[0]}",
-                           FINGERPRINT_HEADER: fingerprint(bind_arguments(idem.run, args, {}))}
+                headers = bench_app.published_headers(idem, f"latency-{run}-{counter[0]}", args)
             start = time.perf_counter()
             outcome = task.apply(args, headers=headers)
             samples[name].append(time.perf_counter() - start)
