@@ -179,6 +179,9 @@ def test_a_succeeded_records_age_counts_from_its_completion(store: KeyStore) -> 
     reserve(store, "old")
     time.sleep(0.05)
     succeed(store, "old")
+    # Timestamps are in milliseconds: without a pause, "old" completing and "new" being reserved
+    # can share one, and then either may come first in the scan (a CI run saw exactly that).
+    time.sleep(0.02)
     reserve(store, "new")
     rows = by_key(json_lines(invoke(store, "list", "--json").stdout))
     assert rows["old"]["created"] is None and rows["new"]["created"].endswith("Z")
