@@ -10,7 +10,10 @@
 * the same path decomposed: once with ``RedisKeyStore.claim``/``complete`` replaced (in this
   process, for those blocks only) by one ``PING`` each (the round-trip floor of the design),
   once by no call at all (the library's own Python). Real minus PING-stubbed = what the Lua
-  scripts and their arguments/replies cost above a bare round trip.
+  scripts and their arguments/replies cost above a bare round trip;
+* the Redis CPU of each script (``INFO commandstats``: EVALSHA's time per call, which counts
+  the commands a script calls), reserve, claim and complete each run alone over a batch of
+  unique keys: what a round trip does not show on a fast machine.
 
 Blocks of each are interleaved so that a burst of noise hits all of them.
 """
@@ -40,6 +43,40 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"p50_us": percentile(micros, 0.5), "p90_us": percentile(micros, 0.9),
             "p99_us": percentile(micros, 0.99), "mean_us": sum(micros) / len(micros),
             "n": len(micros)}
+
+
+def _script_server_time(store: RedisKeyStore, payload: Any, count: int) -> dict[str, float]:
+    """Server-side µs per call of reserve, claim and complete (no steps, no parked duplicates),
+    each run alone over ``count`` unique keys."""
+    client = store.client
+    refs = [(RecordRef("bench.server", uuid.uuid4().hex), str(uuid.uuid4())) for _ in range(count)]
+    owners: list[tuple[RecordRef, str, int]] = []
+
+    def reserve_all() -> None:
+        for ref, task_id in refs:
+            store.reserve(ref, task_id=task_id, fingerprint="f" * 16, task_name="bench.server",
+                          ttl_ms=TTL_MS)
+
+    def claim_all() -> None:
+        for ref, task_id in refs:
+            owner = new_owner_token()
+            claim = store.claim(ref, task_id=task_id, owner=owner, fingerprint="f" * 16,
+                                task_name="bench.server", lease_ms=LEASE_MS, ttl_ms=TTL_MS)
+            owners.append((ref, owner, claim.fence))
+
+    def complete_all() -> None:
+        for ref, owner, fence in owners:
+            store.complete(ref, owner=owner, fence=fence, result=payload, ttl_ms=TTL_MS)
+
+    times = {}
+    for name, run in (("reserve", reserve_all), ("claim", claim_all), ("complete", complete_all)):
+        before = client.info("commandstats").get("cmdstat_evalsha", {})
+        run()
+        after = client.info("commandstats")["cmdstat_evalsha"]
+        calls = int(after["calls"]) - int(before.get("calls", 0))
+        times[name] = (float(after["usec"]) - float(before.get("usec", 0))) / max(1, calls)
+    client.delete(*(store.store_key(ref) for ref, _ in refs))
+    return times
 
 
 def worker_latency(stack: Stack, *, iterations: int, log: Any) -> dict[str, Any]:
@@ -139,6 +176,7 @@ def worker_latency(stack: Stack, *, iterations: int, log: Any) -> dict[str, Any]
             block()
     stack.effects.delete(f"bench:n:{run}", f"bench:k:{run}")
     stats = {name: _stats(values) for name, values in samples.items()}
+    server = _script_server_time(store, payload, max(1000, iterations))
     ping = stats["ping"]["p50_us"]
     plain_p50 = stats["apply plain"]["p50_us"]
     overhead_p50 = stats["apply idempotent"]["p50_us"] - plain_p50
@@ -156,12 +194,14 @@ def worker_latency(stack: Stack, *, iterations: int, log: Any) -> dict[str, Any]
             "two bare round trips (store calls = PING)": floor,
             "scripts above a bare round trip (real minus PING)": overhead_p50 - python - floor,
         },
+        "script_server_us_per_call": server,
     }
     log(f"[latency] PING p50 {ping:.0f} us; claim+complete p50 "
         f"{stats['claim+complete']['p50_us']:.0f} us "
         f"({result['claim_complete_p50_over_ping_p50']:.2f}x PING), p99 "
         f"{stats['claim+complete']['p99_us']:.0f} us; apply() overhead p50 {overhead_p50:.0f} us "
         f"(Python {python:.0f}, round trips {floor:.0f}, scripts "
-        f"{overhead_p50 - python - floor:.0f})")
+        f"{overhead_p50 - python - floor:.0f}); Redis CPU per script call: "
+        + ", ".join(f"{name} {us:.1f} us" for name, us in server.items()))
     store.close()
     return result

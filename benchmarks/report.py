@@ -210,6 +210,11 @@ def tables(results: dict[str, Any]) -> list[str]:
                 f"= {data['apply_overhead_p50_over_ping_p50']:.1f} x PING, of which: "
                 + "; ".join(f"{name} {value:.0f} µs" for name, value in
                             data["overhead_decomposition_p50_us"].items()) + "."]
+        if "script_server_us_per_call" in data:  # results from before it was measured lack it
+            out += ["", "Redis CPU per script call (`INFO commandstats`, each script alone over "
+                    "unique keys, no steps or parked duplicates): " + "; ".join(
+                        f"`{name}` {us:.1f} µs" for name, us in
+                        data["script_server_us_per_call"].items()) + "."]
     if "steps" in sections:
         from . import steps
 

@@ -48,6 +48,12 @@ F_STEP_PREFIX = "sp:"
 # publish it again (JSON). The owner's final write hands them back, to publish at once; each
 # goes when a copy of its message replays the outcome (or runs the task), or with the record.
 F_PARK_PREFIX = "w:"
+# Set ("1") when a step is recorded or a duplicate parks, so that a final write, on the hot
+# path of every task, reads the whole record only when there is something besides its own
+# fields to find (steps to drop, duplicates to hand back). Cleared by the final write that
+# leaves neither. A record whose marker is gone by hand keeps its steps until it expires, and
+# its parked duplicates wait for their own re-send: nothing runs twice.
+F_EXTRAS = "x"
 ALL_FIELDS = (F_KEY, F_SCOPE, F_TASK_NAME, F_STATE, F_TASK_ID, F_FINGERPRINT, F_OWNER, F_LEASE,
               F_FENCE, F_RESULT, F_CONTENT_TYPE, F_CONTENT_ENCODING, F_RESULT_STATUS, F_ERROR,
               F_RETRYABLE, F_CREATED, F_UPDATED, F_PENDING_DEADLINE)
@@ -171,7 +177,7 @@ def without_steps(fields: Mapping[str, bytes]) -> dict[str, bytes]:
     """The record's own fields (what a store's reply carries: never the steps' values, nor the
     parked duplicates)."""
     return {name: value for name, value in fields.items()
-            if not (is_step_field(name) or is_park_field(name))}
+            if not (is_step_field(name) or is_park_field(name) or name == F_EXTRAS)}
 
 
 def encode_step_value(data: bytes, content_type: str, content_encoding: str) -> bytes:

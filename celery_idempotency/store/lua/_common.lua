@@ -32,6 +32,13 @@ local STEP_PREFIX = 'sp:'
 -- owner registers itself as a field named this prefix and its task id, valued what it takes to
 -- publish it again (JSON), so that the owner's final write can hand it back at once.
 local PARK_PREFIX = 'w:'
+-- Set ('1') while the record may hold step fields or parked duplicates (records.F_EXTRAS): a
+-- final write reads the whole record only then, not on the hot path of every task.
+local EXTRAS = 'x'
+
+local function is_step(name) return string.sub(name, 1, #STEP_PREFIX) == STEP_PREFIX end
+local function is_parked(name) return string.sub(name, 1, #PARK_PREFIX) == PARK_PREFIX end
+
 
 -- {status, [extra,] field, value, field, value, ...}: the status (and one more value, if
 -- given) and the whole record in one reply, but for the steps' values (the caller decides
@@ -41,8 +48,7 @@ local function reply(status, key, extra)
   local fields = {status}
   if extra ~= nil then table.insert(fields, extra) end
   for i = 1, #all, 2 do
-    if string.sub(all[i], 1, #STEP_PREFIX) ~= STEP_PREFIX
-        and string.sub(all[i], 1, #PARK_PREFIX) ~= PARK_PREFIX then
+    if not (is_step(all[i]) or is_parked(all[i]) or all[i] == EXTRAS) then
       table.insert(fields, all[i])
       table.insert(fields, all[i + 1])
     end
@@ -50,23 +56,25 @@ local function reply(status, key, extra)
   return fields
 end
 
--- Delete the record's step fields (steps = true: its outcome is final, it never runs again),
--- or every field but the steps (steps = false: a new run continues where the last one
--- stopped). A record left without fields is gone, as after DEL. Parked duplicates are never
--- deleted here: they wait for the key's next final outcome.
-local function delete_fields(key, steps)
-  local all = redis.call('HGETALL', key)
-  local names = {}
-  for i = 1, #all, 2 do
-    if (string.sub(all[i], 1, #STEP_PREFIX) == STEP_PREFIX) == steps
-        and string.sub(all[i], 1, #PARK_PREFIX) ~= PARK_PREFIX then
-      table.insert(names, all[i])
-    end
-  end
-  -- In batches: unpack() is limited by Lua's stack.
+-- HDEL in batches: unpack() is limited by Lua's stack.
+local function hdel_all(key, names)
   for i = 1, #names, 1000 do
     redis.call('HDEL', key, unpack(names, i, math.min(i + 999, #names)))
   end
+end
+
+-- Delete every field but the steps (a new run continues where the last one stopped), the
+-- parked duplicates (they wait for the key's next final outcome) and the marker that says
+-- there are some. A record left without fields is gone, as after DEL.
+local function delete_own_fields(key)
+  local all = redis.call('HGETALL', key)
+  local names = {}
+  for i = 1, #all, 2 do
+    if not (is_step(all[i]) or is_parked(all[i]) or all[i] == EXTRAS) then
+      table.insert(names, all[i])
+    end
+  end
+  hdel_all(key, names)
 end
 
 -- Lengthen the record's TTL to at least ms, never shorten it: a record outlives its lease
@@ -85,17 +93,25 @@ local function wake(key)
 end
 
 -- {'ok', task_id, value, task_id, value, ...}: a final write's reply, with the record's parked
--- duplicates (none: just {'ok'}, the common case). Read before the result is written (HGETALL:
--- the documented ACL has no HSCAN). They stay in the record: each is removed by the copy of
--- its message that replays the outcome (claim.lua).
-local function ok_with_parked(key)
+-- duplicates (none: just {'ok'}, the common case, read from the marker alone). The parked stay
+-- in the record: each is removed by the copy of its message that replays the outcome
+-- (claim.lua). With drop_steps, the step fields go (the outcome is final: they are not needed
+-- again), and the marker too when no parked duplicate or step is left. Called before the
+-- outcome is written (HGETALL: the documented ACL has no HSCAN).
+local function settle(key, marked, drop_steps)
+  if not marked then return {'ok'} end
   local all = redis.call('HGETALL', key)
-  local found = {'ok'}
+  local found, steps, kept = {'ok'}, {}, false
   for i = 1, #all, 2 do
-    if string.sub(all[i], 1, #PARK_PREFIX) == PARK_PREFIX then
+    if is_parked(all[i]) then
       table.insert(found, string.sub(all[i], #PARK_PREFIX + 1))
       table.insert(found, all[i + 1])
+      kept = true
+    elseif is_step(all[i]) then
+      if drop_steps then table.insert(steps, all[i]) else kept = true end
     end
   end
+  hdel_all(key, steps)
+  if not kept then redis.call('HDEL', key, EXTRAS) end
   return found
 end

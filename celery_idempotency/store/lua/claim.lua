@@ -64,7 +64,7 @@ if state == STARTED then
   -- unless the owner is another copy of this very message (it answers for both).
   if lease and tonumber(lease) > now then
     if park ~= '' and held_task_id ~= task_id then
-      redis.call('HSET', rec, parked_as, park)
+      redis.call('HSET', rec, parked_as, park, EXTRAS, '1')
       return reply('parked', rec, tonumber(lease) - now)
     end
     return reply('busy', rec, tonumber(lease) - now)

@@ -6,18 +6,17 @@
 local rec = KEYS[1]
 local owner, error_json, retryable, ttl_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
-local f = redis.call('HMGET', rec, 'o', 'st')
-local held_by, state = f[1], f[2]
+local f = redis.call('HMGET', rec, 'o', 'st', EXTRAS)
+local held_by, state, marked = f[1], f[2], f[3]
 if held_by ~= owner then return reply('lost', rec) end
-if state == FAILED then return ok_with_parked(rec) end  -- our own write, retried
+if state == FAILED then return settle(rec, marked, retryable ~= '1') end  -- our own write, retried
 if state ~= STARTED then return reply('lost', rec) end
--- Parked duplicates: published again at once by the caller (docs/wakeups.md).
-local out = ok_with_parked(rec)
+-- Parked duplicates: published again at once by the caller (docs/wakeups.md). A cached error
+-- is final: its steps go. A retryable one keeps them, so that the next run continues where
+-- this one stopped.
+local out = settle(rec, marked, retryable ~= '1')
 redis.call('HDEL', rec, 'l')
 redis.call('HSET', rec, 'st', FAILED, 'e', error_json, 'ry', retryable, 'u', now_ms())
--- A cached error is final: its steps go. A retryable one keeps them, so that the next run
--- continues where this one stopped.
-if retryable ~= '1' then delete_fields(rec, true) end
 redis.call('PEXPIRE', rec, ttl_ms)
 wake(rec)
 return out

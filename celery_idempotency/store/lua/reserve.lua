@@ -36,7 +36,7 @@ if state then
   -- monotonic across the new reservation, and the recorded steps: the new run continues
   -- where the failed one stopped.
   fence = held_fence or '0'
-  delete_fields(rec, false)
+  delete_own_fields(rec)
 end
 redis.call('HSET', rec, 'k', key, 's', scope, 'st', PENDING, 't', task_id,
   'fp', fingerprint, 'f', fence, 'c', now, 'u', now, 'pd', now + pending_ms)

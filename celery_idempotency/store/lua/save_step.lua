@@ -9,5 +9,5 @@ local owner, fence, field, value = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
 local f = redis.call('HMGET', rec, 'o', 'st', 'f')
 if f[1] ~= owner or f[2] ~= STARTED or f[3] ~= fence then return reply('lost', rec) end
-redis.call('HSET', rec, field, value)
+redis.call('HSET', rec, field, value, EXTRAS, '1')
 return {'ok'}
