@@ -46,6 +46,8 @@ CORE_TESTS = (
     "tests/unit",
     "tests/store/test_contract.py",
     "tests/integration/test_dedup.py",
+    # Celery's group keeps the frozen results, not what apply_async returns: version-specific.
+    "tests/integration/test_group_batch.py",
     "tests/integration/test_lost_workers.py",
     "tests/integration/test_revoke_and_expiry.py",
     "tests/integration/test_leases_and_fencing.py",

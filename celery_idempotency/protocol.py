@@ -107,7 +107,16 @@ def publish(target: KeyTarget, *, sender: Any, task_name: str, task_id: str,
 
     ``delay_ms`` (a countdown/eta) lengthens the reservation; ``deduplicate`` is False for a
     message that must be sent even when its key is taken (its duplicate short-circuits at
-    execution instead)."""
+    execution instead).
+
+    Celery's handle of the sent message (``Publication.sent``) is never held in a local of
+    this frame or of the frames that call it. A store or broker call below them that met an
+    error leaves a reference cycle behind (redis-py keeps a connection error in a local of
+    the frame that raised it), and each frame object in a cycle keeps its callers' frames
+    alive, with their locals, until the cycle collector runs. A handle kept that way is
+    collected late, and Celery < 5.7 then unsubscribes from the task's result even when a
+    group is waiting on it: a plain ``group`` of idempotent tasks, sent unprotected under
+    ``fail_open``, never returned from ``.get()``."""
     reserved = _reserve(target, task_name=task_name, task_id=task_id, open_store=open_store,
                         delay_ms=delay_ms)
     if reserved is None:
@@ -133,10 +142,10 @@ def publish_reserved(target: KeyTarget, store: KeyStore, reservation: Reservatio
                                task_id=task_id)
     events.announce(events.KEY_RESERVED, sender, key=target.ref.key, scope=target.ref.scope,
                     task_id=task_id, duplicate=reservation.status is ReserveStatus.DUPLICATE)
-    sent = _send_or_unreserve(target, store, reservation, task_name=task_name, task_id=task_id,
-                              send=send)
-    return Publication(store=store, sent=sent,
-                       duplicate=reservation.status is ReserveStatus.DUPLICATE)
+    # The handle is never a local here: see `publish`.
+    return Publication(store=store, duplicate=reservation.status is ReserveStatus.DUPLICATE,
+                       sent=_send_or_unreserve(target, store, reservation, task_name=task_name,
+                                               task_id=task_id, send=send))
 
 
 def _reserve(target: KeyTarget, *, task_name: str, task_id: str, open_store: OpenStore,

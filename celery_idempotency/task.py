@@ -293,11 +293,11 @@ class IdempotentTask(Task):  # type: ignore[misc]
             return call.send()
         if group_batch.collect(self, call):  # a member of an IdempotentGroup: sent with it
             return None  # (Celery's group keeps the member's frozen result)
-        publication = publish(
+        # Never a local of this frame: see `protocol.publish`, on handles kept too long.
+        return self._handle_of(publish(
             call.target, sender=self, task_name=self.name, task_id=call.task_id,
             open_store=self.idem_store, delay_ms=call.delay_ms, deduplicate=call.deduplicate,
-            send=call.send)
-        return self._handle_of(publication, call.target, call.task_id)
+            send=call.send), call.target, call.task_id)
 
     def _prepare_call(self, args: Any, kwargs: Any, *, task_id: str | None, producer: Any,
                       link: Any, link_error: Any, shadow: Any,

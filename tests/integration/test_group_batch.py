@@ -19,7 +19,6 @@ from celery_idempotency import (
     InvalidIdempotencyKey,
     StoreUnavailable,
 )
-from celery_idempotency.celery_compat import CELERY_VERSION
 from celery_idempotency.store import RedisKeyStore
 from tests.integration import group_app
 from tests.integration.group_app import charge, echo, total
@@ -194,12 +193,6 @@ def test_store_down_under_fail_open_sends_every_member(
     orders = [new_order_id() for _ in range(3)]
     result = kind(members(unique("group-open"), [(str(i), o) for i, o in enumerate(orders)]))()
     assert len(published.messages) == 3
-    if kind is group and CELERY_VERSION < (5, 7):
-        # Celery < 5.7 stops listening for a task's result whenever a handle of its id is
-        # collected: the handle a plain group's member returns when sent unprotected may be
-        # collected after the group listens (Celery 5.6 here), and .get() would wait forever.
-        # IdempotentGroup keeps the handles alive with the group's results.
-        return
     assert [v["order_id"] for v in result.get(timeout=TIMEOUT)] == orders
 
 
