@@ -35,6 +35,8 @@ from .stack import Stack, percentile
 
 TTL_MS = 7 * 24 * 3600 * 1000
 LEASE_MS = 60_000
+TASK_NAME = "bench.latency"  # also the scope of its records
+FINGERPRINT = "f" * 16
 BLOCK = 100
 
 
@@ -45,24 +47,36 @@ def _stats(values: list[float]) -> dict[str, float]:
             "n": len(micros)}
 
 
+def _new_refs(count: int) -> list[tuple[RecordRef, str]]:
+    """``count`` unique keys of the benchmark's task, each with a task id."""
+    return [(RecordRef(TASK_NAME, uuid.uuid4().hex), str(uuid.uuid4())) for _ in range(count)]
+
+
+def _reserve(store: RedisKeyStore, ref: RecordRef, task_id: str) -> None:
+    store.reserve(ref, task_id=task_id, fingerprint=FINGERPRINT, task_name=TASK_NAME,
+                  ttl_ms=TTL_MS)
+
+
+def _claim(store: RedisKeyStore, ref: RecordRef, task_id: str, owner: str) -> Claim:
+    return store.claim(ref, task_id=task_id, owner=owner, fingerprint=FINGERPRINT,
+                       task_name=TASK_NAME, lease_ms=LEASE_MS, ttl_ms=TTL_MS)
+
+
 def _script_server_time(store: RedisKeyStore, payload: Any, count: int) -> dict[str, float]:
     """Server-side µs per call of reserve, claim and complete (no steps, no parked duplicates),
     each run alone over ``count`` unique keys."""
     client = store.client
-    refs = [(RecordRef("bench.server", uuid.uuid4().hex), str(uuid.uuid4())) for _ in range(count)]
+    refs = _new_refs(count)
     owners: list[tuple[RecordRef, str, int]] = []
 
     def reserve_all() -> None:
         for ref, task_id in refs:
-            store.reserve(ref, task_id=task_id, fingerprint="f" * 16, task_name="bench.server",
-                          ttl_ms=TTL_MS)
+            _reserve(store, ref, task_id)
 
     def claim_all() -> None:
         for ref, task_id in refs:
             owner = new_owner_token()
-            claim = store.claim(ref, task_id=task_id, owner=owner, fingerprint="f" * 16,
-                                task_name="bench.server", lease_ms=LEASE_MS, ttl_ms=TTL_MS)
-            owners.append((ref, owner, claim.fence))
+            owners.append((ref, owner, _claim(store, ref, task_id, owner).fence))
 
     def complete_all() -> None:
         for ref, owner, fence in owners:
@@ -94,15 +108,9 @@ def worker_latency(stack: Stack, *, iterations: int, log: Any) -> dict[str, Any]
     run = uuid.uuid4().hex[:8]
 
     def pending_refs(count: int) -> list[tuple[RecordRef, str]]:
-        refs = []
-        pipe_items = []
-        for _ in range(count):
-            ref, task_id = RecordRef("bench.latency", uuid.uuid4().hex), str(uuid.uuid4())
-            pipe_items.append((ref, task_id))
-            refs.append((ref, task_id))
-        for ref, task_id in pipe_items:
-            store.reserve(ref, task_id=task_id, fingerprint="f" * 16, task_name="bench.latency",
-                          ttl_ms=TTL_MS)
+        refs = _new_refs(count)
+        for ref, task_id in refs:
+            _reserve(store, ref, task_id)
         return refs
 
     def block_ping() -> None:
@@ -115,8 +123,7 @@ def worker_latency(stack: Stack, *, iterations: int, log: Any) -> dict[str, Any]
         for ref, task_id in pending_refs(BLOCK):
             owner = new_owner_token()
             start = time.perf_counter()
-            claim = store.claim(ref, task_id=task_id, owner=owner, fingerprint="f" * 16,
-                                task_name="bench.latency", lease_ms=LEASE_MS, ttl_ms=TTL_MS)
+            claim = _claim(store, ref, task_id, owner)
             middle = time.perf_counter()
             store.complete(ref, owner=owner, fence=claim.fence, result=payload, ttl_ms=TTL_MS)
             end = time.perf_counter()
