@@ -38,6 +38,9 @@ local EXTRAS = 'x'
 
 local function is_step(name) return string.sub(name, 1, #STEP_PREFIX) == STEP_PREFIX end
 local function is_parked(name) return string.sub(name, 1, #PARK_PREFIX) == PARK_PREFIX end
+-- One of the record's own fields (records.without_steps): not a step, a parked duplicate or
+-- the marker.
+local function is_own(name) return not (is_step(name) or is_parked(name) or name == EXTRAS) end
 
 
 -- {status, [extra,] field, value, field, value, ...}: the status (and one more value, if
@@ -48,7 +51,7 @@ local function reply(status, key, extra)
   local fields = {status}
   if extra ~= nil then table.insert(fields, extra) end
   for i = 1, #all, 2 do
-    if not (is_step(all[i]) or is_parked(all[i]) or all[i] == EXTRAS) then
+    if is_own(all[i]) then
       table.insert(fields, all[i])
       table.insert(fields, all[i + 1])
     end
@@ -70,7 +73,7 @@ local function delete_own_fields(key)
   local all = redis.call('HGETALL', key)
   local names = {}
   for i = 1, #all, 2 do
-    if not (is_step(all[i]) or is_parked(all[i]) or all[i] == EXTRAS) then
+    if is_own(all[i]) then
       table.insert(names, all[i])
     end
   end
